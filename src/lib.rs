@@ -1,0 +1,10 @@
+//! distill: knowledge distillation for Llama-family causal LMs on libtorch.
+//! The map of this crate is ../shared/DESIGN.md; each module has one idea.
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod io;
+pub mod losses;
+pub mod model;
+
+pub use error::{Error, Result};

