@@ -73,8 +73,7 @@ enum Command {
 
 fn load(path: &Path) -> Result<LoadedModel> {
     let t = std::time::Instant::now();
-    let m = model::load(path, tch::Device::Cpu)
-        .with_context(|| format!("loading model {}", path.display()))?;
+    let m = model::load(path, tch::Device::Cpu).context("loading model")?;
     tracing::info!(
         "loaded {} in {:.1}s",
         path.display(),

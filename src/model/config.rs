@@ -174,45 +174,46 @@ impl LlamaConfig {
             None => 0,
         };
         let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
-        let rope_scaling =
-            match obj.get("rope_scaling") {
-                None | Some(Value::Null) => RopeScaling::None,
-                Some(Value::Object(rs)) => {
-                    let rf = Fields { obj: rs, path };
-                    let kind = rs
-                        .get("rope_type")
-                        .or_else(|| rs.get("type"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("default");
-                    match kind {
-                        "default" => RopeScaling::None,
-                        "linear" => RopeScaling::Linear {
-                            factor: rf.req_f64("factor")?,
-                        },
-                        "llama3" => RopeScaling::Llama3 {
-                            factor: rf.req_f64("factor")?,
-                            low_freq_factor: rf.req_f64("low_freq_factor")?,
-                            high_freq_factor: rf.req_f64("high_freq_factor")?,
-                            original_max_position_embeddings: rf
-                                .req_f64("original_max_position_embeddings")?,
-                        },
-                        other => return Err(Error::config(
+        let rope_scaling = match obj.get("rope_scaling") {
+            None | Some(Value::Null) => RopeScaling::None,
+            Some(Value::Object(rs)) => {
+                let rf = Fields { obj: rs, path };
+                let kind = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                match kind {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear {
+                        factor: rf.req_f64("factor")?,
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: rf.req_f64("factor")?,
+                        low_freq_factor: rf.req_f64("low_freq_factor")?,
+                        high_freq_factor: rf.req_f64("high_freq_factor")?,
+                        original_max_position_embeddings: rf
+                            .req_f64("original_max_position_embeddings")?,
+                    },
+                    other => {
+                        return Err(Error::config(
                             path,
                             "rope_scaling.rope_type",
                             format!(
                                 "'{other}' is not supported (supported: default, linear, llama3)"
                             ),
-                        )),
+                        ))
                     }
                 }
-                Some(_) => {
-                    return Err(Error::config(
-                        path,
-                        "rope_scaling",
-                        "expected an object or null",
-                    ))
-                }
-            };
+            }
+            Some(_) => {
+                return Err(Error::config(
+                    path,
+                    "rope_scaling",
+                    "expected an object or null",
+                ))
+            }
+        };
         let eos_token_ids = match obj.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => a

@@ -217,7 +217,7 @@ impl<'a> Cursor<'a> {
                 if n > self.buf.len() - self.pos {
                     return Err(Error::format(
                         self.path,
-                        format!("{what}: array of {n} elements exceeds the file"),
+                        format!("{what}: truncated: array of {n} elements exceeds the file"),
                     ));
                 }
                 let mut items = Vec::with_capacity(n);

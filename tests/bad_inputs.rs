@@ -1,0 +1,93 @@
+//! Bad model inputs: each gives exit code 2 and one line naming the file (and the key).
+mod common;
+use common::*;
+use distill::model::{self, LlamaConfig};
+
+fn tiny_folder() -> tempfile::TempDir {
+    let m = model::random(&LlamaConfig::tiny(64, 32, 2, 4, 2), tch::Device::Cpu, 0).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    m.save_hf(tmp.path()).unwrap();
+    tmp
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tiny_folder();
+    let f = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let out = distill(&["inspect", dir.path().to_str().unwrap()]);
+    assert_clean_failure(&out, &[f.to_str().unwrap()]);
+}
+
+#[test]
+fn config_missing_a_required_key() {
+    let dir = tiny_folder();
+    let f = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&f, v.to_string()).unwrap();
+    let out = distill(&["inspect", dir.path().to_str().unwrap()]);
+    assert_clean_failure(&out, &[f.to_str().unwrap(), "hidden_size", "missing"]);
+}
+
+#[test]
+fn config_with_a_wrong_type() {
+    let dir = tiny_folder();
+    let f = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    v["num_hidden_layers"] = serde_json::json!("two");
+    std::fs::write(&f, v.to_string()).unwrap();
+    let out = distill(&["inspect", dir.path().to_str().unwrap()]);
+    assert_clean_failure(&out, &[f.to_str().unwrap(), "num_hidden_layers"]);
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = tiny_folder();
+    let f = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    v["model_type"] = serde_json::json!("gpt_neox");
+    std::fs::write(&f, v.to_string()).unwrap();
+    let out = distill(&["inspect", dir.path().to_str().unwrap()]);
+    assert_clean_failure(
+        &out,
+        &[
+            f.to_str().unwrap(),
+            "model_type",
+            "unknown architecture 'gpt_neox'",
+        ],
+    );
+}
+
+#[test]
+fn weights_that_do_not_fit_the_config() {
+    let dir = tiny_folder();
+    let f = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+    v["intermediate_size"] = serde_json::json!(65);
+    std::fs::write(&f, v.to_string()).unwrap();
+    let out = distill(&["inspect", dir.path().to_str().unwrap()]);
+    assert_clean_failure(
+        &out,
+        &[dir.path().to_str().unwrap(), "_proj.weight", "has shape"],
+    );
+}
+
+#[test]
+fn missing_model_path() {
+    let out = distill(&["inspect", "/nonexistent/model"]);
+    assert_clean_failure(&out, &["/nonexistent/model"]);
+}
+
+#[test]
+fn eval_on_missing_data_file() {
+    let dir = tiny_folder();
+    let out = distill(&[
+        "eval",
+        dir.path().to_str().unwrap(),
+        "--data",
+        "/nonexistent/data.txt",
+    ]);
+    assert_clean_failure(&out, &[]);
+}

