@@ -85,7 +85,10 @@ fn sliding_window_limits_attention() {
     let m = model::random(&cfg, Device::Cpu, 4).unwrap();
     let x = ids(1, 12, 64);
     // change the first two tokens, far outside the last position's window
-    let y = Tensor::cat(&[(x.narrow(1, 0, 2) + 1).remainder(64), x.narrow(1, 2, 10)], 1);
+    let y = Tensor::cat(
+        &[(x.narrow(1, 0, 2) + 1).remainder(64), x.narrow(1, 2, 10)],
+        1,
+    );
     tch::no_grad(|| {
         let (a, b) = (m.model.forward(&x).unwrap(), m.model.forward(&y).unwrap());
         let last = (a.select(1, 11) - b.select(1, 11))
@@ -100,7 +103,10 @@ fn sliding_window_limits_attention() {
             .abs()
             .max()
             .double_value(&[]);
-        assert!(first > 0.0, "a position inside the window does not see the change");
+        assert!(
+            first > 0.0,
+            "a position inside the window does not see the change"
+        );
     });
 }
 

@@ -1,1 +1,187 @@
-//! Distillation losses (see issue 3).
+//! Distillation losses: one file per divergence or method, each opening with its formula and source.
+//!
+//! Conventions (DESIGN.md §3): `s` = student logits, `t` = teacher logits, both `[..., V]` of one
+//! shape; `mask` has the leading shape `[...]`, nonzero where a position counts, `None` = all. The
+//! temperature `T` divides both logits before the softmax; `p` = softmax(t/T) (teacher), `q` =
+//! softmax(s/T) (student). Each loss returns a scalar: the mean over counted positions (0 when none
+//! counts). Values are divergences (≥ 0, 0 iff equal), never the cross-entropy form.
+//! Computation is in f32 (f64 when the inputs are f64), in log-sum-exp form (`log_softmax`), and the
+//! teacher is a constant: only the student receives a gradient.
+//!
+//! Vocabulary entries where the teacher's logit is −inf (a masked vocabulary, padded rows) lie outside
+//! the support: they are removed from both distributions, the student renormalised over the rest, so
+//! that every divergence stays finite.
+pub mod akl;
+pub mod hinton;
+pub mod jsd;
+pub mod kl;
+pub mod pld;
+pub mod sinkhorn;
+pub mod skew;
+pub mod taid;
+pub mod token_selective;
+pub mod tvd;
+
+pub use akl::adaptive_kl;
+pub use hinton::hinton;
+pub use jsd::jsd;
+pub use kl::{forward_kl, reverse_kl};
+pub use pld::pld;
+pub use sinkhorn::sinkhorn;
+pub use skew::{skew_kl, skew_reverse_kl};
+pub use taid::Taid;
+pub use tvd::tvd;
+
+use crate::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// The dtype a loss computes in: f64 for f64 inputs, else f32.
+pub(crate) fn compute_kind(x: &Tensor) -> Kind {
+    if x.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// `s` and `t` must be floating tensors of one shape with a vocabulary dimension.
+pub(crate) fn check_pair(name: &str, s: &Tensor, t: &Tensor) -> Result<()> {
+    if s.dim() == 0 {
+        return Err(Error::Shape(format!(
+            "{name}: 'student' is a scalar, expected [..., V]"
+        )));
+    }
+    if s.size() != t.size() {
+        return Err(Error::Shape(format!(
+            "{name}: 'teacher' has shape {:?}, expected {:?} (the student's)",
+            t.size(),
+            s.size()
+        )));
+    }
+    for (arg, x) in [("student", s), ("teacher", t)] {
+        if !x.is_floating_point() {
+            return Err(Error::Shape(format!(
+                "{name}: '{arg}' has kind {:?}, expected a float tensor",
+                x.kind()
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_temperature(name: &str, temperature: f64) -> Result<()> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::Invalid(format!(
+            "{name}: temperature must be positive and finite, got {temperature}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_unit(name: &str, arg: &str, x: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&x) {
+        return Err(Error::Invalid(format!(
+            "{name}: {arg} must be in [0, 1], got {x}"
+        )));
+    }
+    Ok(())
+}
+
+/// The mask as a boolean tensor of the leading shape (all true when None).
+pub(crate) fn mask_bool(
+    name: &str,
+    mask: Option<&Tensor>,
+    lead: &[i64],
+    like: &Tensor,
+) -> Result<Tensor> {
+    match mask {
+        None => Ok(Tensor::f_ones(lead, (Kind::Bool, like.device()))?),
+        Some(m) => {
+            if m.size() != lead {
+                return Err(Error::Shape(format!(
+                    "{name}: 'mask' has shape {:?}, expected {:?} (the logits' leading shape)",
+                    m.size(),
+                    lead
+                )));
+            }
+            Ok(m.f_ne(0)?.f_to_device(like.device())?)
+        }
+    }
+}
+
+/// Mean of `per_pos` (leading shape) over the positions where `mask` is nonzero; 0 when none is.
+/// Uninteresting positions are selected away (`where`), so their values cannot leak in.
+pub(crate) fn masked_mean(name: &str, per_pos: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let m = mask_bool(name, mask, &per_pos.size(), per_pos)?;
+    let zero = Tensor::f_zeros([], (per_pos.kind(), per_pos.device()))?;
+    let kept = per_pos.f_where_self(&m, &zero)?;
+    let count = m.f_sum(per_pos.kind())?.f_clamp_min(1.0)?;
+    Ok(kept.f_sum(per_pos.kind())?.f_div(&count)?)
+}
+
+/// One distribution over the vocabulary in a form safe for every divergence: `logp` with the
+/// entries outside the support set to 0 (finite, so no NaN reaches a gradient), and `prob` with
+/// those entries 0.
+pub(crate) struct Dist {
+    pub logp: Tensor,
+    pub prob: Tensor,
+}
+
+/// Student and teacher distributions (q, p) at temperature `T`, with the teacher's −inf entries
+/// removed from both.
+pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<(Dist, Dist)> {
+    let kind = compute_kind(s);
+    let s = s.f_to_kind(kind)?.f_div_scalar(temperature)?;
+    let t = t.f_to_kind(kind)?.f_div_scalar(temperature)?.f_detach()?;
+    let outside = t.f_isneginf()?;
+    let has_outside = outside.f_any()?.f_int64_value(&[])? != 0;
+    if !has_outside {
+        let (lq, lp) = (s.f_log_softmax(-1, kind)?, t.f_log_softmax(-1, kind)?);
+        let (q, p) = (lq.f_exp()?, lp.f_exp()?);
+        return Ok((Dist { logp: lq, prob: q }, Dist { logp: lp, prob: p }));
+    }
+    let s = s.f_masked_fill(&outside, f64::NEG_INFINITY)?;
+    let zero = Tensor::f_zeros([], (kind, s.device()))?;
+    let safe = |x: Tensor| -> Result<Dist> {
+        let logp = zero.f_where_self(&outside, &x)?;
+        let prob = logp.f_exp()?.f_masked_fill(&outside, 0.0)?;
+        Ok(Dist { logp, prob })
+    };
+    Ok((
+        safe(s.f_log_softmax(-1, kind)?)?,
+        safe(t.f_log_softmax(-1, kind)?)?,
+    ))
+}
+
+/// Per position KL(a‖b) = Σ_v a(v)·(log a(v) − log b(v)), over the last dimension.
+pub(crate) fn kl_per_pos(a: &Dist, b: &Dist) -> Result<Tensor> {
+    let kind = a.prob.kind();
+    Ok(a.prob
+        .f_mul(&a.logp.f_sub(&b.logp)?)?
+        .f_sum_dim_intlist(-1, false, kind)?)
+}
+
+/// The mixture w·a + (1−w)·b as a `Dist`, its log computed as logaddexp(log w + log a,
+/// log(1−w) + log b) (never the log of a sum of probabilities).
+pub(crate) fn mixture(a: &Dist, b: &Dist, w: f64) -> Result<Dist> {
+    let logp = if w == 0.0 {
+        b.logp.shallow_clone()
+    } else if w == 1.0 {
+        a.logp.shallow_clone()
+    } else {
+        a.logp
+            .f_add_scalar(w.ln())?
+            .f_logaddexp(&b.logp.f_add_scalar((1.0 - w).ln())?)?
+    };
+    let prob = a
+        .prob
+        .f_mul_scalar(w)?
+        .f_add(&b.prob.f_mul_scalar(1.0 - w)?)?;
+    Ok(Dist { logp, prob })
+}
+
+/// The leading shape `[...]` of `[..., V]`.
+pub(crate) fn lead_shape(x: &Tensor) -> Vec<i64> {
+    let s = x.size();
+    s[..s.len() - 1].to_vec()
+}

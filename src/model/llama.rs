@@ -236,7 +236,7 @@ pub fn rope_inv_freq(c: &LlamaConfig) -> Vec<f32> {
                     } else {
                         f
                     };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     if medium {
                         let smooth = (old / wavelen - lo) / (hi - lo);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -386,7 +386,8 @@ impl Llama {
             let a = layer
                 .self_attn
                 .forward(&layer.input_layernorm.forward(&h), &rope, slot, &mask);
-            h = h + a;
+            // not `+=`: that adds in place into a tensor autograd saved for backward
+            h = h.f_add(&a)?;
             h = &h
                 + layer
                     .mlp

@@ -204,7 +204,7 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
         head_dim: g
             .get(&key("attention.key_length"))
             .and_then(GValue::as_u64)
-            .map_or(if heads > 0 { hidden / heads } else { 0 }, |x| x as usize),
+            .map_or(hidden.checked_div(heads).unwrap_or(0), |x| x as usize),
         rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: opt_f("rope.freq_base").unwrap_or(10000.0),
         rope_scaling: match (

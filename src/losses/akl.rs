@@ -1,0 +1,61 @@
+//! Adaptive KL (AKL; Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge
+//! Distillation for Large Language Models", eq. 8–10), μ = 0.5 by default:
+//!   head = the teacher's top tokens, taken in descending p, up to and including the first whose
+//!          cumulative probability reaches μ; tail = the rest
+//!   g_head = Σ_head |p − q|,  g_tail = Σ_tail |p − q|   (both detached)
+//!   AKL = (g_head·KL(p‖q) + g_tail·KL(q‖p)) / (g_head + g_tail)
+//! Mean over counted positions; at p = q (g_head + g_tail = 0) the value is 0.
+//! Differs from the published code, which sorts ascending and calls "tail" the smallest tokens whose
+//! cumulative mass stays below μ: the two splits differ only in the token that crosses μ.
+use super::{check_pair, check_temperature, distributions, kl_per_pos, masked_mean};
+use crate::{Error, Result};
+use tch::Tensor;
+
+/// 1 where a vocabulary entry is in the teacher's head (shape of `p`).
+pub fn head_mask(p: &Tensor, mu: f64) -> Result<Tensor> {
+    let (sorted, idx) = p.f_sort(-1, true)?;
+    let before = sorted.f_cumsum(-1, sorted.kind())?.f_sub(&sorted)?; // mass of the tokens ranked above
+    let head_sorted = before.f_lt(mu)?.f_to_kind(p.kind())?;
+    Ok(Tensor::f_zeros_like(p)?.f_scatter(-1, &idx, &head_sorted)?)
+}
+
+pub fn adaptive_kl_per_pos(s: &Tensor, t: &Tensor, mu: f64, temperature: f64) -> Result<Tensor> {
+    check_pair("adaptive_kl", s, t)?;
+    check_temperature("adaptive_kl", temperature)?;
+    if !(mu > 0.0 && mu <= 1.0) {
+        return Err(Error::Invalid(format!(
+            "adaptive_kl: mu must be in (0, 1], got {mu}"
+        )));
+    }
+    let (q, p) = distributions(s, t, temperature)?;
+    let kind = p.prob.kind();
+    let head = head_mask(&p.prob, mu)?;
+    let gap = p.prob.f_sub(&q.prob)?.f_abs()?.f_detach()?;
+    let g_head = gap.f_mul(&head)?.f_sum_dim_intlist(-1, false, kind)?;
+    let g_tail = gap
+        .f_mul(&head.f_neg()?.f_add_scalar(1.0)?)?
+        .f_sum_dim_intlist(-1, false, kind)?;
+    let total = g_head.f_add(&g_tail)?;
+    let fkl = kl_per_pos(&p, &q)?;
+    let rkl = kl_per_pos(&q, &p)?;
+    let num = g_head.f_mul(&fkl)?.f_add(&g_tail.f_mul(&rkl)?)?;
+    let ratio = num.f_div(&total.f_clamp_min(1e-30)?)?;
+    let zero = Tensor::f_zeros([], (kind, s.device()))?;
+    Ok(ratio
+        .f_where_self(&total.f_gt(0.0)?, &zero)?
+        .f_to_kind(kind)?)
+}
+
+pub fn adaptive_kl(
+    s: &Tensor,
+    t: &Tensor,
+    mu: f64,
+    temperature: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    masked_mean(
+        "adaptive_kl",
+        &adaptive_kl_per_pos(s, t, mu, temperature)?,
+        mask,
+    )
+}

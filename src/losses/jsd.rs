@@ -1,0 +1,33 @@
+//! Generalised Jensen–Shannon divergence (GKD, Agarwal et al. 2024, eq. for JSD(β)):
+//!   M = β·p + (1−β)·q,   JSD(β) = β·KL(p‖M) + (1−β)·KL(q‖M)
+//! log M = logaddexp(log β + log p, log(1−β) + log q); mean over counted positions. No special case
+//! at β ∈ {0, 1}: both give 0 (users who want FKL or RKL name them). The gradient flows through q in
+//! both terms, M included. Differs from TRL's early `generalized_jsd_loss`, which put β on the wrong
+//! distributions of the mixture.
+use super::{
+    check_pair, check_temperature, check_unit, distributions, kl_per_pos, masked_mean, mixture,
+};
+use crate::Result;
+use tch::Tensor;
+
+/// JSD(β) per position, shape `[...]`.
+pub fn jsd_per_pos(s: &Tensor, t: &Tensor, beta: f64, temperature: f64) -> Result<Tensor> {
+    check_pair("jsd", s, t)?;
+    check_temperature("jsd", temperature)?;
+    check_unit("jsd", "beta", beta)?;
+    let (q, p) = distributions(s, t, temperature)?;
+    let m = mixture(&p, &q, beta)?;
+    Ok(kl_per_pos(&p, &m)?
+        .f_mul_scalar(beta)?
+        .f_add(&kl_per_pos(&q, &m)?.f_mul_scalar(1.0 - beta)?)?)
+}
+
+pub fn jsd(
+    s: &Tensor,
+    t: &Tensor,
+    beta: f64,
+    temperature: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    masked_mean("jsd", &jsd_per_pos(s, t, beta, temperature)?, mask)
+}

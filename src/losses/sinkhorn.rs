@@ -1,0 +1,62 @@
+//! SinKD (Cui et al. 2024, "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation"),
+//! batch-wise over the N rows of [N, C] logits:
+//!   W_ij = Σ_c |softmax(s_i/T)_c − softmax(t_j/T)_c|        (L1 cost between rows, N×N)
+//!   K = exp(−W/ε);  `iters` alternating normalisations of K (rows first, then columns, …) give P
+//!   loss = Σ_ij P_ij·W_ij                                   (defaults ε = 0.1, 20 normalisations)
+//! The normalisations run in log space (log K = −W/ε, subtract logsumexp), the same P without
+//! underflow. The gradient flows through W and through P (a differentiable Sinkhorn).
+use super::{check_pair, check_temperature, compute_kind};
+use crate::{Error, Result};
+use tch::Tensor;
+
+/// The transport plan after `iters` alternating normalisations of exp(−W/ε): step 0 normalises rows
+/// (each row sums to 1), step 1 columns, and so on.
+pub fn sinkhorn_plan(w: &Tensor, epsilon: f64, iters: usize) -> Result<Tensor> {
+    let mut log_p = w.f_div_scalar(-epsilon)?;
+    for i in 0..iters {
+        let dim = if i % 2 == 0 { 1 } else { 0 };
+        log_p = log_p.f_sub(&log_p.f_logsumexp([dim], true)?)?;
+    }
+    Ok(log_p.f_exp()?)
+}
+
+/// The L1 cost matrix W (N×N) between the student's and the teacher's row distributions.
+pub fn cost_matrix(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
+    let kind = compute_kind(s);
+    let q = s
+        .f_to_kind(kind)?
+        .f_div_scalar(temperature)?
+        .f_softmax(-1, kind)?;
+    let p = t
+        .f_to_kind(kind)?
+        .f_div_scalar(temperature)?
+        .f_softmax(-1, kind)?
+        .f_detach()?;
+    Ok(Tensor::f_cdist(&q, &p, 1.0, None::<i64>)?)
+}
+
+pub fn sinkhorn(
+    s: &Tensor,
+    t: &Tensor,
+    temperature: f64,
+    epsilon: f64,
+    iters: usize,
+) -> Result<Tensor> {
+    check_pair("sinkhorn", s, t)?;
+    check_temperature("sinkhorn", temperature)?;
+    if s.dim() != 2 {
+        return Err(Error::Shape(format!(
+            "sinkhorn: 'student' has shape {:?}, expected [N, C]",
+            s.size()
+        )));
+    }
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(Error::Invalid(format!(
+            "sinkhorn: epsilon must be positive, got {epsilon}"
+        )));
+    }
+    let w = cost_matrix(s, t, temperature)?;
+    let p = sinkhorn_plan(&w, epsilon, iters)?;
+    let kind = w.kind();
+    Ok(p.f_mul(&w)?.f_sum(kind)?)
+}

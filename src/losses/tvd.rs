@@ -1,0 +1,21 @@
+//! Total variation distance: TVD(p, q) = ½·Σ_v |p(v) − q(v)|, mean over counted positions
+//! (used as a KD objective by Wen et al. 2023, "f-divergence minimization for sequence-level KD").
+use super::{check_pair, check_temperature, distributions, masked_mean};
+use crate::Result;
+use tch::Tensor;
+
+pub fn tvd_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
+    check_pair("tvd", s, t)?;
+    check_temperature("tvd", temperature)?;
+    let (q, p) = distributions(s, t, temperature)?;
+    let kind = q.prob.kind();
+    Ok(p.prob
+        .f_sub(&q.prob)?
+        .f_abs()?
+        .f_sum_dim_intlist(-1, false, kind)?
+        .f_mul_scalar(0.5)?)
+}
+
+pub fn tvd(s: &Tensor, t: &Tensor, temperature: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    masked_mean("tvd", &tvd_per_pos(s, t, temperature)?, mask)
+}
