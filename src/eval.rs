@@ -68,3 +68,79 @@ pub fn perplexity(model: &Llama, ids: &[u32], window: usize, batch: usize) -> Re
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+/// What distillation is judged by, over the target positions of validation sequences:
+/// student and teacher perplexity, KL(teacher‖student) per token (T = 1, shared vocabulary) and
+/// how often the student's top-1 token equals the teacher's.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DistillMetrics {
+    pub student_ppl: f64,
+    pub teacher_ppl: f64,
+    pub kl: f64,
+    pub top1: f64,
+    pub tokens: usize,
+}
+
+pub fn distill_metrics(
+    teacher: &Llama,
+    student: &Llama,
+    seqs: &[crate::data::Sequence],
+    batch: usize,
+) -> Result<DistillMetrics> {
+    if seqs.is_empty() {
+        return Err(Error::Invalid(
+            "evaluation needs at least one validation sequence".into(),
+        ));
+    }
+    let (mut nll_s, mut nll_t, mut kl, mut agree, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
+    tch::no_grad(|| -> Result<()> {
+        for group in seqs.chunks(batch.max(1)) {
+            let (ids, labels) = crate::data::sampler::batch_tensors(group)?;
+            let s = student.forward(&ids)?;
+            let t = teacher.forward(&ids)?;
+            let v = s.size()[2].min(t.size()[2]);
+            let (s, t) = (s.narrow(2, 0, v), t.narrow(2, 0, v));
+            let mask = labels.f_ne(-100)?;
+            let safe = labels.f_clamp_min(0)?.f_unsqueeze(-1)?;
+            let pick = |logits: &Tensor| -> Result<f64> {
+                let lp = logits
+                    .f_log_softmax(-1, Kind::Float)?
+                    .f_gather(-1, &safe, false)?
+                    .f_squeeze_dim(-1)?;
+                Ok(-lp
+                    .f_masked_select(&mask)?
+                    .f_sum(Kind::Double)?
+                    .f_double_value(&[])?)
+            };
+            nll_s += pick(&s)?;
+            nll_t += pick(&t)?;
+            let per = crate::losses::kl::forward_kl_per_pos(&s, &t, 1.0)?;
+            kl += per
+                .f_masked_select(&mask)?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])?;
+            let same = s
+                .f_argmax(-1, false)?
+                .f_eq_tensor(&t.f_argmax(-1, false)?)?;
+            agree += same
+                .f_masked_select(&mask)?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])?;
+            n += mask.f_sum(Kind::Int64)?.f_int64_value(&[])? as usize;
+        }
+        Ok(())
+    })?;
+    if n == 0 {
+        return Err(Error::Invalid(
+            "the validation data has no target token".into(),
+        ));
+    }
+    let nf = n as f64;
+    Ok(DistillMetrics {
+        student_ppl: (nll_s / nf).exp(),
+        teacher_ppl: (nll_t / nf).exp(),
+        kl: kl / nf,
+        top1: agree / nf,
+        tokens: n,
+    })
+}

@@ -1,10 +1,16 @@
 //! distill: knowledge distillation for Llama-family causal LMs on libtorch.
 //! The map of this crate is ../shared/DESIGN.md; each module has one idea.
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod losses;
 pub mod model;
+pub mod objective;
+pub mod report;
+pub mod student;
+pub mod train;
 
 pub use error::{Error, Result};

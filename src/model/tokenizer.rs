@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// the `tokenizer.json` text, written back unchanged on save

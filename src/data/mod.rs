@@ -1,0 +1,139 @@
+//! Training data: text files and JSONL records turned into fixed-length token sequences with labels.
+//! An `Example` is a token stream with a per-token flag "this token is a prediction target"; a
+//! `Sequence` is `seq_len` ids plus `labels[t]` = the next token when it is a target, else −100.
+pub mod jsonl;
+pub mod packing;
+pub mod sampler;
+pub mod text;
+
+use crate::config::{DataConfig, DataFormat};
+use crate::model::Tokenizer;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub use packing::{pack, pad_each, Sequence};
+pub use sampler::Sampler;
+
+/// One document or conversation: ids and which of them are targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub target: Vec<bool>,
+}
+
+impl Example {
+    pub fn push(&mut self, ids: &[u32], target: bool) {
+        self.ids.extend_from_slice(ids);
+        self.target.extend(std::iter::repeat_n(target, ids.len()));
+    }
+}
+
+pub struct Dataset {
+    pub train: Vec<Sequence>,
+    pub validation: Vec<Sequence>,
+    pub train_tokens: usize,
+}
+
+/// The files under `path` (itself if a file; a folder's regular files sorted by name).
+pub fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(Error::format(path, "no such data file or folder"));
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn read_examples(
+    path: &Path,
+    format: DataFormat,
+    tok: &Tokenizer,
+    eos: Option<u32>,
+    max_tokens: Option<usize>,
+) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
+    let mut tokens = 0usize;
+    for f in files_of(path)? {
+        let examples = match format {
+            DataFormat::Text => text::read(&f, tok, eos)?,
+            DataFormat::Jsonl => jsonl::read(&f, tok, eos)?,
+        };
+        for e in examples {
+            tokens += e.ids.len();
+            out.push(e);
+            if max_tokens.is_some_and(|m| tokens >= m) {
+                return Ok(out);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn to_sequences(examples: &[Example], cfg: &DataConfig, pad: u32) -> Vec<Sequence> {
+    if cfg.packing {
+        pack(examples, cfg.seq_len, pad)
+    } else {
+        pad_each(examples, cfg.seq_len, pad)
+    }
+}
+
+/// Read, tokenise and cut the training (and validation) data. Refuses data with no target token.
+pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Dataset> {
+    let pad = eos.unwrap_or(0);
+    let train_ex = read_examples(&cfg.train, cfg.format, tok, eos, cfg.max_train_tokens)?;
+    let mut train = to_sequences(&train_ex, cfg, pad);
+    let targets = |s: &[Sequence]| {
+        s.iter()
+            .map(|x| x.labels.iter().filter(|&&l| l >= 0).count())
+            .sum::<usize>()
+    };
+    if targets(&train) == 0 {
+        return Err(Error::format(
+            &cfg.train,
+            "empty data: no token to train on",
+        ));
+    }
+    let mut validation = match &cfg.validation {
+        Some(v) => {
+            let ex = read_examples(v, cfg.format, tok, eos, None)?;
+            let seqs = to_sequences(&ex, cfg, pad);
+            if targets(&seqs) == 0 {
+                return Err(Error::format(
+                    v,
+                    "empty validation data: no token to evaluate",
+                ));
+            }
+            seqs
+        }
+        None => {
+            // hold out the last fraction of the training sequences (at least one when possible)
+            let n = train.len();
+            let k = ((n as f64 * cfg.validation_fraction).ceil() as usize).min(n.saturating_sub(1));
+            train.split_off(n - k)
+        }
+    };
+    if let Some(m) = cfg.max_validation_sequences {
+        validation.truncate(m);
+    }
+    let train_tokens = train
+        .iter()
+        .map(|s| s.labels.iter().filter(|&&l| l >= 0).count())
+        .sum();
+    Ok(Dataset {
+        train,
+        validation,
+        train_tokens,
+    })
+}

@@ -1,0 +1,34 @@
+//! Plain text: each file is one document, every token a target, EOS appended.
+use super::Example;
+use crate::model::Tokenizer;
+use crate::{Error, Result};
+use std::path::Path;
+
+pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Example>> {
+    let bytes = crate::io::read(path)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!(
+                "not UTF-8 text (first bad byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Ok(vec![]);
+    }
+    let mut e = Example {
+        ids: vec![],
+        target: vec![],
+    };
+    e.push(
+        &tok.encode(&text, false)
+            .map_err(|err| Error::format(path, err.to_string()))?,
+        true,
+    );
+    if let Some(eos) = eos {
+        e.push(&[eos], true);
+    }
+    Ok(vec![e])
+}

@@ -1,0 +1,102 @@
+//! Building a student: loaded from a folder or GGUF, or made from the teacher by keeping some of its
+//! layers (embeddings, final norm, head and the listed decoder layers copied; layer `layers[k]` of
+//! the teacher becomes layer k of the student).
+use crate::model::{self, hf, LoadedModel, Tokenizer};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use tch::{nn, Device, Tensor};
+
+pub fn from_teacher_layers(
+    teacher: &LoadedModel,
+    layers: &[usize],
+    device: Device,
+) -> Result<LoadedModel> {
+    let n = teacher.model.config.num_hidden_layers;
+    if let Some(&bad) = layers.iter().find(|&&l| l >= n) {
+        return Err(Error::Invalid(format!(
+            "student.from_teacher.layers: layer {bad} does not exist (the teacher has layers 0..{})",
+            n - 1
+        )));
+    }
+    let mut config = teacher.model.config.clone();
+    config.num_hidden_layers = layers.len();
+    let src = teacher.vs.variables();
+    let mut named: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in &src {
+        match name.strip_prefix("model.layers.") {
+            Some(rest) => {
+                let (idx, tail) = rest
+                    .split_once('.')
+                    .expect("layer variable names have a tail");
+                let idx: usize = idx.parse().expect("layer index");
+                for (k, _) in layers.iter().enumerate().filter(|(_, &l)| l == idx) {
+                    named.insert(format!("model.layers.{k}.{tail}"), t.shallow_clone());
+                }
+            }
+            None => {
+                named.insert(name.clone(), t.shallow_clone());
+            }
+        }
+    }
+    let vs = nn::VarStore::new(device);
+    let m = model::Llama::new(&vs.root(), &config)?;
+    hf::load_into(&vs, &named, &teacher.source)?;
+    Ok(LoadedModel {
+        vs,
+        model: m,
+        tokenizer: teacher.tokenizer.clone(),
+        generation_config: teacher.generation_config.clone(),
+        source: teacher.source.clone(),
+        format: teacher.format,
+        weight_types: teacher.weight_types.clone(),
+    })
+}
+
+/// Teacher and student must tokenise alike. Identical vocabularies pass; a student whose embedding
+/// has a different number of (padded) rows but the same tokenizer passes with a note (the objective
+/// compares the shared prefix). Different tokenizers are refused.
+pub fn check_vocabularies(teacher: &LoadedModel, student: &LoadedModel) -> Result<Option<String>> {
+    let (tt, st) = match (&teacher.tokenizer, &student.tokenizer) {
+        (Some(a), Some(b)) => (a, b),
+        (None, _) => {
+            return Err(Error::format(
+                &teacher.source,
+                "the teacher has no tokenizer",
+            ))
+        }
+        (_, None) => {
+            return Err(Error::format(
+                &student.source,
+                "the student has no tokenizer",
+            ))
+        }
+    };
+    if tt.vocab_size() != st.vocab_size() || !same_vocab(tt, st) {
+        return Err(Error::Invalid(format!(
+            "the student's tokenizer ({}, {} tokens) differs from the teacher's ({}, {} tokens); \
+             cross-tokenizer distillation is not supported",
+            student.source.display(),
+            st.vocab_size(),
+            teacher.source.display(),
+            tt.vocab_size()
+        )));
+    }
+    let (vt, vs) = (
+        teacher.model.config.vocab_size,
+        student.model.config.vocab_size,
+    );
+    if vt != vs {
+        return Ok(Some(format!(
+            "teacher and student share a tokenizer but have {vt} and {vs} embedding rows: the objective compares the first {} (padding rows differ)",
+            vt.min(vs)
+        )));
+    }
+    Ok(None)
+}
+
+/// Same tokenizer file, or the same string for every id.
+fn same_vocab(a: &Tokenizer, b: &Tokenizer) -> bool {
+    a.json() == b.json()
+        || (0..a.vocab_size() as u32)
+            .all(|i| a.decode(&[i], false).ok() == b.decode(&[i], false).ok())
+}

@@ -1,0 +1,91 @@
+//! Checkpoints: `OUTPUT/checkpoints/step-00000100/` holds the student as a Hugging Face folder,
+//! `optimizer.safetensors` (AdamW moments) and `state.json` (`TrainState`). A checkpoint is written
+//! into a hidden `.partial-…` folder, every file fsynced, `state.json` last, then renamed into place:
+//! a folder named `step-…` is always complete. Only the newest `keep_last` are kept.
+use super::optim::AdamW;
+use super::state::TrainState;
+use crate::io::{read_to_string, write_atomic};
+use crate::model::{hf, LoadedModel};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub fn dir(output: &Path) -> PathBuf {
+    output.join("checkpoints")
+}
+
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// Complete checkpoints, oldest first.
+pub fn list(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let d = dir(output);
+    if !d.exists() {
+        return Ok(vec![]);
+    }
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(&d)
+        .map_err(|e| Error::io(&d, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            step_of(&name).map(|s| (s, e.path()))
+        })
+        .filter(|(_, p)| p.join("state.json").exists())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(output)?.pop().map(|(_, p)| p))
+}
+
+fn fault_pause() {
+    // test hook: stretch a save so that a test can kill the process in the middle of it
+    if let Some(ms) = std::env::var("DISTILL_FAULT_SLOW_SAVE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+pub fn save(
+    output: &Path,
+    student: &LoadedModel,
+    opt: &AdamW,
+    state: &TrainState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let d = dir(output);
+    std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    let name = format!("step-{:08}", state.step);
+    let partial = d.join(format!(".partial-{name}"));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    }
+    student.save_hf(&partial)?;
+    fault_pause();
+    hf::write_safetensors(&partial.join("optimizer.safetensors"), &opt.state_tensors())?;
+    let json = serde_json::to_string_pretty(state).expect("state serialises");
+    write_atomic(&partial.join("state.json"), json.as_bytes())?;
+    let final_dir = d.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&partial, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    if let Ok(f) = std::fs::File::open(&d) {
+        let _ = f.sync_all();
+    }
+    let all = list(output)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    }
+    Ok(final_dir)
+}
+
+pub fn read_state(checkpoint: &Path) -> Result<TrainState> {
+    let p = checkpoint.join("state.json");
+    serde_json::from_str(&read_to_string(&p)?)
+        .map_err(|e| Error::format(&p, format!("not a training state: {e}")))
+}

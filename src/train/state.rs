@@ -1,0 +1,20 @@
+//! What a checkpoint records besides the weights and the optimizer moments: enough to continue the
+//! run exactly (data position, loss-term state, counters). Training uses no other randomness: the
+//! data order is a function of (seed, epoch) and the student starts from the teacher's layers or a
+//! folder, so the sampler's position is the whole random state.
+use crate::data::sampler::SamplerState;
+use crate::losses::taid::TaidState;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    /// optimizer steps completed
+    pub step: usize,
+    pub total_steps: usize,
+    /// optimizer updates applied (step minus skipped steps)
+    pub adam_t: usize,
+    pub sampler: SamplerState,
+    pub objective: Vec<Option<TaidState>>,
+    pub skipped_steps: usize,
+    pub tokens_seen: u64,
+    pub seed: u64,
+}
