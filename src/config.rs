@@ -333,11 +333,15 @@ impl RunConfig {
         let mut table: toml::Table =
             toml::from_str(&text).map_err(|e| toml_error(path, Some(&text), &e))?;
         apply_overrides(&mut table, overrides)?;
-        let with = Path::new("--set");
-        let file: RunFile = table
-            .try_into()
-            .map_err(|e: toml::de::Error| toml_error(&path.join(with), None, &e))?;
-        Self::from_file(file, path, &text)
+        // the overridden document, read again (its errors can only come from the --set values)
+        let merged = toml::to_string(&table).map_err(|e| Error::Invalid(format!("--set: {e}")))?;
+        let label = PathBuf::from(format!(
+            "{} with --set {}",
+            path.display(),
+            overrides.join(" --set ")
+        ));
+        let file: RunFile = toml::from_str(&merged).map_err(|e| toml_error(&label, None, &e))?;
+        Self::from_file(file, path, &merged)
     }
 
     /// Parse from a string (tests, examples).

@@ -231,6 +231,60 @@ impl Tokenizer {
         Self::from_json(text, Some(&Value::Object(cfg)), path)
     }
 
+    /// A byte-level tokenizer without merges (ids 0–255 are the bytes, then `specials`), with a
+    /// ChatML chat template: for tests and toy models, where a real vocabulary is not wanted.
+    pub fn byte_level(specials: &[&str]) -> Result<Self> {
+        // GPT-2's printable stand-ins for the 256 bytes
+        let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut chars = printable.clone();
+        let mut extra = 0;
+        for b in 0..256u32 {
+            if !printable.contains(&b) {
+                printable.push(b);
+                chars.push(256 + extra);
+                extra += 1;
+            }
+        }
+        let mut by_byte: Vec<(u32, char)> = printable
+            .iter()
+            .zip(&chars)
+            .map(|(&b, &c)| (b, char::from_u32(c).expect("valid char")))
+            .collect();
+        by_byte.sort();
+        let mut vocab = serde_json::Map::new();
+        for (b, c) in &by_byte {
+            vocab.insert(c.to_string(), json!(b));
+        }
+        let added: Vec<Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                vocab.insert(t.to_string(), json!(256 + i));
+                json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": true})
+            })
+            .collect();
+        let tj = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []},
+        });
+        let template = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let cfg = json!({"eos_token": specials.first(), "chat_template": template});
+        Self::from_json(
+            serde_json::to_string(&tj).expect("json"),
+            Some(&cfg),
+            Path::new("<byte-level>"),
+        )
+    }
+
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         Ok(self
             .inner

@@ -62,6 +62,14 @@ fn fault_nan_steps() -> Vec<usize> {
         .unwrap_or_default()
 }
 
+fn fault_step_delay() -> Option<std::time::Duration> {
+    // test hook: slow every step down so that a test can kill the run at a chosen step
+    std::env::var("DISTILL_FAULT_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
     match cfg.length {
         Length::Steps(n) => n,
@@ -219,6 +227,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     // ---- the steps
     let names = objective.names().to_vec();
     let nan_steps = fault_nan_steps();
+    let step_delay = fault_step_delay();
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
@@ -319,6 +328,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         if step == total || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
             checkpoint::save(out, &student, &opt, &state, cfg.keep_last)?;
+        }
+        if let Some(d) = step_delay {
+            std::thread::sleep(d);
         }
     }
     if let Some(b) = bar {
