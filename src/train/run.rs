@@ -298,7 +298,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         state.objective = objective.state();
         state.tokens_seen += tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
-        if step % cfg.log_every == 0 || step == total {
+        if step.is_multiple_of(cfg.log_every) || step == total {
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
                 "lr": lr, "grad_norm": if grad_norm.is_finite() { json!(grad_norm) } else { Value::Null },
                 "tokens_per_s": tokens as f64 / secs, "skipped": skipped, "skipped_total": state.skipped_steps});
@@ -315,7 +315,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             b.set_position(step as u64);
             b.set_message(format!("loss {loss:.4} {:.0} tok/s", tokens as f64 / secs));
         }
-        if step == total || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+        if step == total || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) {
             let m = eval(&student)?;
             tracing::info!(
                 "step {step}: student ppl {:.2}, KL {:.4}, top-1 {:.3}",
@@ -326,7 +326,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             metrics.write(&eval_record(step, &m))?;
             last_eval = Some((step, m));
         }
-        if step == total || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) {
+        if step == total || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every)) {
             checkpoint::save(out, &student, &opt, &state, cfg.keep_last)?;
         }
         if let Some(d) = step_delay {
