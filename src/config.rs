@@ -92,6 +92,8 @@ pub struct OptimFile {
     pub grad_clip: Option<f64>,
     pub grad_accum: Option<usize>,
     pub micro_batch: Option<usize>,
+    /// positions per chunk of the vocabulary-sized objective (0 = all at once)
+    pub loss_chunk: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,6 +240,7 @@ pub struct OptimConfig {
     pub grad_clip: Option<f64>,
     pub grad_accum: usize,
     pub micro_batch: usize,
+    pub loss_chunk: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -456,6 +459,7 @@ impl RunConfig {
             },
             grad_accum: o.grad_accum.unwrap_or(1),
             micro_batch: o.micro_batch.unwrap_or(4),
+            loss_chunk: o.loss_chunk.unwrap_or(0),
         };
         if !(optim.lr > 0.0 && optim.lr.is_finite()) {
             return Err(bad(

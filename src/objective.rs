@@ -166,3 +166,140 @@ impl Objective {
         Ok(())
     }
 }
+
+/// The result of one micro-batch's objective: its value (scaled), each term's value (scaled), and
+/// whether it was finite (when not, no gradient was applied from the non-finite part).
+pub struct MicroStep {
+    pub loss: f64,
+    pub parts: Vec<f64>,
+    pub finite: bool,
+}
+
+impl Objective {
+    /// Whether every term is a mean of per-position values, so that the objective can be computed
+    /// over chunks of positions (token-selective KD's entropy quantile spans all positions).
+    pub fn chunkable(&self) -> bool {
+        !self
+            .terms
+            .iter()
+            .any(|(t, _)| matches!(t.kind, LossKind::TokenSelective(_)))
+    }
+
+    /// Forward and backward of the objective for one micro-batch, scaled by `scale` (1/accumulation).
+    /// With `chunk` = Some(c) and a chunkable objective, the vocabulary-sized work runs c positions
+    /// at a time: the student's trunk runs once, its hidden states are detached, and each chunk's
+    /// head, log-softmax and divergence are formed and backpropagated into the detached hidden
+    /// states and the head; the trunk then receives the summed gradient once. No (B, T, V) tensor of
+    /// either side exists, only (c, V) ones. Each chunk's mean is weighted by its share of the counted
+    /// positions, so the value and the gradients equal the unchunked ones.
+    /// `poison` multiplies the value by NaN (the test hook for non-finite steps).
+    pub fn micro_step(
+        &self,
+        student: &crate::model::Llama,
+        teacher: Option<&crate::model::Llama>,
+        ids: &Tensor,
+        labels: &Tensor,
+        chunk: Option<usize>,
+        scale: f64,
+        poison: bool,
+    ) -> Result<MicroStep> {
+        let teacher = if self.needs_teacher() { teacher } else { None };
+        let poisoned = |x: Tensor| -> Result<Tensor> {
+            Ok(if poison { x.f_mul_scalar(f64::NAN)? } else { x })
+        };
+        let chunk = chunk.filter(|_| self.chunkable());
+        let Some(chunk) = chunk else {
+            let t_logits = match teacher {
+                Some(t) => Some(tch::no_grad(|| t.forward(ids))?), // (B, T, V), no graph
+                None => None,
+            };
+            let s_logits = student.forward(ids)?; // (B, T, V)
+            let v = self.compute(&s_logits, t_logits.as_ref(), labels)?;
+            let total = poisoned(v.total.f_mul_scalar(scale)?)?;
+            let loss = total.f_double_value(&[])?;
+            let parts = v
+                .parts
+                .iter()
+                .map(|p| Ok(p.f_double_value(&[])? * scale))
+                .collect::<Result<Vec<_>>>()?;
+            if !loss.is_finite() {
+                return Ok(MicroStep {
+                    loss,
+                    parts,
+                    finite: false,
+                });
+            }
+            total.f_backward()?;
+            return Ok(MicroStep {
+                loss,
+                parts,
+                finite: true,
+            });
+        };
+        let t_hidden = match teacher {
+            Some(t) => Some(tch::no_grad(|| t.forward_hidden(ids))?.f_flatten(0, 1)?), // (N, d)
+            None => None,
+        };
+        let s_hidden = student.forward_hidden(ids)?; // (B, T, d), with the trunk's graph
+        let detached = s_hidden
+            .f_detach()?
+            .f_flatten(0, 1)?
+            .f_set_requires_grad(true)?; // (N, d)
+        let flat_labels = labels.f_flatten(0, 1)?; // (N)
+        let counted = flat_labels
+            .f_ne(-100)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        let n = flat_labels.size()[0];
+        let (mut loss, mut parts) = (0.0, vec![0.0; self.terms.len()]);
+        if counted > 0 {
+            let mut start = 0;
+            while start < n {
+                let c = (chunk as i64).min(n - start);
+                let lab = flat_labels.f_narrow(0, start, c)?;
+                let count = lab.f_ne(-100)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+                if count > 0 {
+                    let w = scale * count as f64 / counted as f64;
+                    let s_logits = student
+                        .head(&detached.f_narrow(0, start, c)?)?
+                        .f_unsqueeze(0)?; // (1, c, V)
+                    let t_logits = match (&t_hidden, teacher) {
+                        (Some(h), Some(t)) => {
+                            Some(tch::no_grad(|| t.head(&h.narrow(0, start, c)))?.f_unsqueeze(0)?)
+                        }
+                        _ => None,
+                    };
+                    let v = self.compute(&s_logits, t_logits.as_ref(), &lab.f_unsqueeze(0)?)?;
+                    let part = poisoned(v.total.f_mul_scalar(w)?)?;
+                    let value = part.f_double_value(&[])?;
+                    for (acc, p) in parts.iter_mut().zip(&v.parts) {
+                        *acc += p.f_double_value(&[])? * w;
+                    }
+                    loss += value;
+                    if !value.is_finite() {
+                        return Ok(MicroStep {
+                            loss,
+                            parts,
+                            finite: false,
+                        });
+                    }
+                    part.f_backward()?;
+                }
+                start += c;
+            }
+        }
+        // the trunk's backward, once, with the gradient gathered on the detached hidden states
+        let grad = detached.grad();
+        if grad.defined() {
+            s_hidden
+                .f_mul(&grad.f_view_as(&s_hidden)?)?
+                .f_sum(Kind::Float)?
+                .f_backward()?;
+        }
+        Ok(MicroStep {
+            loss,
+            parts,
+            finite: true,
+        })
+    }
+}

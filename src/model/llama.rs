@@ -361,12 +361,14 @@ impl Llama {
         }
     }
 
-    fn run(
+    /// The trunk: the final normed hidden state (B, T, d) and, when asked, the residual stream
+    /// after each layer.
+    fn trunk(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
         want_hidden: bool,
-    ) -> Result<ForwardOutput> {
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let (_b, t) = self.check_ids(ids)?;
         let start = cache.as_ref().map_or(0, |c| c.len);
         if (start + t) as usize > self.config.max_position_embeddings {
@@ -399,26 +401,36 @@ impl Llama {
         if let Some(c) = cache {
             c.len += t;
         }
-        let h = self.norm.forward(&h);
-        let logits = h.linear::<Tensor>(self.lm_head_weight(), None); // (B, T, V)
-        Ok(ForwardOutput {
-            logits,
-            hidden_states,
-        })
+        Ok((self.norm.forward(&h), hidden_states))
+    }
+
+    /// The output head: logits (…, V) of normed hidden states (…, d).
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_linear::<Tensor>(self.lm_head_weight(), None)?)
     }
 
     /// Logits (B, T, V) for every position of `ids` (B, T).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.run(ids, None, false)?.logits)
+        self.head(&self.trunk(ids, None, false)?.0)
+    }
+
+    /// The final normed hidden state (B, T, d), before the head: for objectives computed over the
+    /// vocabulary in chunks of tokens.
+    pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.trunk(ids, None, false)?.0)
     }
 
     /// Logits plus the residual stream after each layer.
     pub fn forward_with_hidden(&self, ids: &Tensor) -> Result<ForwardOutput> {
-        self.run(ids, None, true)
+        let (h, hidden_states) = self.trunk(ids, None, true)?;
+        Ok(ForwardOutput {
+            logits: self.head(&h)?,
+            hidden_states,
+        })
     }
 
     /// Incremental forward: `ids` continue the sequence held in `cache`, which is extended.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Ok(self.run(ids, Some(cache), false)?.logits)
+        self.head(&self.trunk(ids, Some(cache), false)?.0)
     }
 }

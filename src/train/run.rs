@@ -252,27 +252,24 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             let idx = sampler.next_batch(cfg.optim.micro_batch);
             let group: Vec<data::Sequence> = idx.iter().map(|&i| ds.train[i].clone()).collect();
             let (ids, labels) = batch_tensors(&group)?; // (B, T)
-            let t_logits = if objective.needs_teacher() {
-                Some(tch::no_grad(|| teacher.model.forward(&ids))?) // (B, T, V), no graph
-            } else {
-                None
-            };
-            let s_logits = student.model.forward(&ids)?; // (B, T, V)
-            let v = objective.compute(&s_logits, t_logits.as_ref(), &labels)?;
-            let mut micro = v.total.f_div_scalar(cfg.optim.grad_accum as f64)?;
-            if nan_steps.contains(&step) {
-                micro = micro.f_mul_scalar(f64::NAN)?;
-            }
-            let lv = micro.f_double_value(&[])?;
+            let chunk = (cfg.optim.loss_chunk > 0).then_some(cfg.optim.loss_chunk);
+            let m = objective.micro_step(
+                &student.model,
+                Some(&teacher.model),
+                &ids,
+                &labels,
+                chunk,
+                1.0 / cfg.optim.grad_accum as f64,
+                nan_steps.contains(&step),
+            )?;
             tokens += labels.f_ne(-100)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as usize;
-            if !lv.is_finite() {
+            if !m.finite {
                 finite = false;
                 continue; // keep drawing the step's micro-batches: the data position stays on schedule
             }
-            micro.f_backward()?;
-            loss += lv;
-            for (p, t) in parts.iter_mut().zip(&v.parts) {
-                *p += t.f_double_value(&[])? / cfg.optim.grad_accum as f64;
+            loss += m.loss;
+            for (p, v) in parts.iter_mut().zip(&m.parts) {
+                *p += v;
             }
         }
         let grad_norm = match (finite, cfg.optim.grad_clip) {
@@ -326,7 +323,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             metrics.write(&eval_record(step, &m))?;
             last_eval = Some((step, m));
         }
-        if step == total || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every)) {
+        if step == total || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every))
+        {
             checkpoint::save(out, &student, &opt, &state, cfg.keep_last)?;
         }
         if let Some(d) = step_delay {
