@@ -1,5 +1,6 @@
 //! distill: knowledge distillation for Llama-family causal LMs on libtorch.
 //! The map of this crate is ../shared/DESIGN.md; each module has one idea.
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -62,7 +62,16 @@ enum Command {
         max_tokens: Option<usize>,
     },
     /// Convert a model (GGUF or HF folder) into a Hugging Face folder
-    Convert { model: PathBuf, out_dir: PathBuf },
+    Convert {
+        model: PathBuf,
+        out_dir: PathBuf,
+        /// Keep only these decoder layers (a student made from the model), e.g. 0,3,6,29
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+    },
+    /// Benchmarks: a distillation step, the loss kernels, the matmul peak
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Distil a teacher into a student as a run file says
     Train {
         run_file: PathBuf,
@@ -86,6 +95,81 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time full distillation steps (teacher forward, student forward and backward, loss, AdamW)
+    Step {
+        #[arg(long)]
+        teacher: PathBuf,
+        #[arg(long)]
+        student: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        /// forward_kl, reverse_kl or jsd (temperature 1)
+        #[arg(long, default_value = "forward_kl")]
+        loss: String,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Positions per chunk of the objective (default: whole tensors)
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// Also write the report as JSON here
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Forward + backward time and memory of each divergence over random logits
+    Losses {
+        #[arg(long, value_delimiter = ',', default_value = "4,512,49152")]
+        shape: Vec<i64>,
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The f32 matmul peak of this machine at the current thread count
+    Matmul {
+        #[arg(long, default_value_t = 1024)]
+        n: i64,
+    },
+}
+
+fn write_json(path: Option<&Path>, v: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    println!("{text}");
+    if let Some(p) = path {
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn bench(cmd: BenchCommand) -> Result<()> {
+    use distill::config::LossKind;
+    match cmd {
+        BenchCommand::Step { teacher, student, batch, seq, loss, steps, warmup, chunk, json } => {
+            let kind = match loss.as_str() {
+                "forward_kl" => LossKind::ForwardKl { temperature: 1.0 },
+                "reverse_kl" => LossKind::ReverseKl { temperature: 1.0 },
+                "jsd" => LossKind::Jsd { beta: 0.5, temperature: 1.0 },
+                other => bail!("--loss {other}: expected forward_kl, reverse_kl or jsd"),
+            };
+            let (t, s) = (load(&teacher)?, load(&student)?);
+            let mut t = t;
+            t.vs.freeze();
+            let r = distill::bench::step(&t, &s, kind, batch, seq, steps, warmup, chunk)?;
+            write_json(json.as_deref(), &r)
+        }
+        BenchCommand::Losses { shape, reps, json } => write_json(json.as_deref(), &distill::bench::losses(&shape, reps)?),
+        BenchCommand::Matmul { n } => {
+            println!("matmul f32 {n}x{n}, {} threads: {:.1} GFLOP/s", tch::get_num_threads(), distill::bench::matmul_peak_gflops(n));
+            Ok(())
+        }
+    }
 }
 
 fn load(path: &Path) -> Result<LoadedModel> {
@@ -313,14 +397,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("tokens/s: {:.1}", p.tokens as f64 / p.seconds);
             Ok(())
         }
-        Command::Convert { model, out_dir } => {
+        Command::Bench(cmd) => bench(cmd),
+        Command::Convert { model, out_dir, layers } => {
             if out_dir.join("config.json").exists() || out_dir.is_file() {
                 bail!(
                     "{}: already holds a model; choose an empty folder",
                     out_dir.display()
                 );
             }
-            let m = load(&model)?;
+            let mut m = load(&model)?;
+            if let Some(layers) = layers {
+                m = distill::student::from_teacher_layers(&m, &layers, tch::Device::Cpu)?;
+            }
             m.save_hf(&out_dir)
                 .with_context(|| format!("writing {}", out_dir.display()))?;
             println!("wrote {}", out_dir.display());

@@ -1,0 +1,236 @@
+//! Measurements for `distill bench`: one full distillation step timed by phase, the machine's f32
+//! matmul peak, and each divergence's forward + backward over a vocabulary-sized input. Peak memory
+//! is the process's resident high-water mark (VmHWM), reset (clear_refs) after loading so that it
+//! covers the measured work (the loaded weights stay resident and are included).
+use crate::config::{LossKind, LossTerm, OptimConfig, Schedule};
+use crate::model::LoadedModel;
+use crate::objective::Objective;
+use crate::train::optim::AdamW;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Reset the resident-memory high-water mark (Linux); false where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The resident-memory high-water mark in MiB (Linux), 0 where unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Best f32 GFLOP/s of an n×n by n×n matmul over a few repetitions, at the current thread count.
+pub fn matmul_peak_gflops(n: i64) -> f64 {
+    let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+    let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+    let _ = a.matmul(&b); // warm-up
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let c = a.matmul(&b);
+            let s = t.elapsed().as_secs_f64();
+            drop(c);
+            2.0 * (n as f64).powi(3) / s / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Model FLOPs per token of one distillation step: 2·N_teacher + 6·N_student (N counts the head
+/// once) plus attention scores: 4·L·T·d_attn for the teacher's forward and 12·L·T·d_attn for the
+/// student's forward and backward (no causal discount).
+pub fn flops_per_token(teacher: &LoadedModel, student: &LoadedModel, seq: usize) -> f64 {
+    let attn = |m: &LoadedModel| {
+        let c = &m.model.config;
+        c.num_hidden_layers as f64 * seq as f64 * (c.num_attention_heads * c.head_dim) as f64
+    };
+    2.0 * teacher.model.config.num_params() as f64
+        + 6.0 * student.model.config.num_params() as f64
+        + 4.0 * attn(teacher)
+        + 12.0 * attn(student)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub implementation: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub threads: i32,
+    pub steps: usize,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_mib: f64,
+    /// median ms of each phase: teacher_forward, student_forward, loss, backward, optimizer
+    pub phases: Vec<(String, f64)>,
+    pub flops_per_token: f64,
+    pub matmul_peak_gflops: f64,
+    pub mfu: f64,
+}
+
+/// Deterministic token ids (b·7919 + t·104729 mod V): the same batch in every implementation.
+pub fn bench_ids(batch: usize, seq: usize, vocab: usize) -> Tensor {
+    let ids: Vec<i64> = (0..batch)
+        .flat_map(|b| (0..seq).map(move |t| ((b * 7919 + t * 104729) % vocab) as i64))
+        .collect();
+    Tensor::from_slice(&ids).view([batch as i64, seq as i64])
+}
+
+/// Time `steps` full distillation steps (after `warmup`) of `student` against `teacher` with
+/// `loss`, AdamW (lr 1e-5). `chunk` = positions per chunk of the objective (None = whole tensors).
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    teacher: &LoadedModel,
+    student: &LoadedModel,
+    loss: LossKind,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    chunk: Option<usize>,
+) -> Result<StepReport> {
+    let vocab = teacher.model.config.vocab_size.min(student.model.config.vocab_size);
+    let ids = bench_ids(batch, seq, vocab); // (B, T)
+    let labels = ids.roll([-1], [1]);
+    let _ = labels.narrow(1, seq as i64 - 1, 1).fill_(-100);
+    let objective = Objective::new(&[LossTerm { kind: loss, weight: 1.0 }], steps + warmup)?;
+    let cfg = OptimConfig {
+        lr: 1e-5,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        weight_decay: 0.0,
+        warmup_steps: 0,
+        schedule: Schedule::Constant,
+        min_lr_ratio: 1.0,
+        grad_clip: None,
+        grad_accum: 1,
+        micro_batch: batch,
+        loss_chunk: chunk.unwrap_or(0),
+    };
+    let mut opt = AdamW::new(&student.vs, &cfg)?;
+    let names = ["teacher_forward", "student_forward", "loss", "backward", "optimizer"];
+    let mut phases: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let mut totals = vec![];
+    reset_peak_rss();
+    for i in 0..steps + warmup {
+        opt.zero_grad();
+        let t0 = Instant::now();
+        let mut marks = vec![];
+        if let Some(c) = chunk {
+            // teacher trunk, student trunk, then head + loss + backward chunk by chunk: the phases
+            // are not separable, so the whole objective and backward count as "backward"
+            let m = objective.micro_step(&student.model, Some(&teacher.model), &ids, &labels, Some(c), 1.0, false)?;
+            if !m.finite {
+                return Err(Error::Invalid("bench: non-finite loss".into()));
+            }
+            marks.extend([0.0, 0.0, 0.0, t0.elapsed().as_secs_f64()]);
+        } else {
+            let t_logits = tch::no_grad(|| teacher.model.forward(&ids))?;
+            marks.push(t0.elapsed().as_secs_f64());
+            let s_logits = student.model.forward(&ids)?;
+            marks.push(t0.elapsed().as_secs_f64());
+            let v = objective.compute(&s_logits, Some(&t_logits), &labels)?;
+            let _ = v.total.f_double_value(&[])?;
+            marks.push(t0.elapsed().as_secs_f64());
+            v.total.f_backward()?;
+            marks.push(t0.elapsed().as_secs_f64());
+        }
+        opt.step(1e-5)?;
+        marks.push(t0.elapsed().as_secs_f64());
+        if i >= warmup {
+            let mut prev = 0.0;
+            for (k, &m) in marks.iter().enumerate() {
+                if m > 0.0 {
+                    phases[k].push((m - prev) * 1e3);
+                    prev = m;
+                } else {
+                    phases[k].push(0.0);
+                }
+            }
+            totals.push(marks[marks.len() - 1]);
+        }
+    }
+    let peak = peak_rss_mib();
+    let sec = median(totals);
+    let tokens = (batch * seq) as f64;
+    let fpt = flops_per_token(teacher, student, seq);
+    let peak_gflops = matmul_peak_gflops(1024);
+    Ok(StepReport {
+        implementation: if chunk.is_some() { format!("distill (chunk {})", chunk.unwrap_or(0)) } else { "distill".into() },
+        batch,
+        seq,
+        threads: tch::get_num_threads(),
+        steps,
+        ms_per_step: sec * 1e3,
+        tokens_per_s: tokens / sec,
+        peak_rss_mib: peak,
+        phases: names.iter().zip(phases).map(|(n, v)| (n.to_string(), median(v))).collect(),
+        flops_per_token: fpt,
+        matmul_peak_gflops: peak_gflops,
+        mfu: fpt * tokens / sec / (peak_gflops * 1e9),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LossReport {
+    pub loss: String,
+    pub ms: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Forward + backward of each divergence over random logits of `shape` (…, V): median ms and the
+/// memory high-water mark above what was resident before.
+pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
+    tch::manual_seed(0);
+    let t = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 2.0;
+    let s0 = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 2.0;
+    let lead = &shape[..shape.len() - 1];
+    let labels = Tensor::randint(shape[shape.len() - 1], lead, (Kind::Int64, Device::Cpu));
+    type LossFn = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+    let (t2, l2) = (t.shallow_clone(), labels.shallow_clone());
+    let cases: Vec<(&str, LossFn)> = vec![
+        ("forward_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::forward_kl(s, &t, 1.0, None) })),
+        ("reverse_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::reverse_kl(s, &t, 1.0, None) })),
+        ("jsd", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::jsd(s, &t, 0.5, 1.0, None) })),
+        ("skew_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::skew_kl(s, &t, 0.1, 1.0, None) })),
+        ("tvd", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::tvd(s, &t, 1.0, None) })),
+        ("adaptive_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::adaptive_kl(s, &t, 0.5, 1.0, None) })),
+        ("hinton", Box::new({ let (t, l) = (t2.shallow_clone(), l2.shallow_clone()); move |s| crate::losses::hinton(s, &t, &l, 0.5, 2.0, None) })),
+    ];
+    let mut out = vec![];
+    for (name, f) in cases {
+        let mut times = vec![];
+        let base = {
+            reset_peak_rss();
+            peak_rss_mib()
+        };
+        for _ in 0..reps {
+            let s = s0.detach().set_requires_grad(true);
+            let t0 = Instant::now();
+            let l = f(&s)?;
+            l.f_backward()?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        out.push(LossReport { loss: name.into(), ms: median(times), peak_rss_mib: peak_rss_mib() - base });
+    }
+    Ok(out)
+}
