@@ -28,9 +28,10 @@ pub fn adaptive_kl_per_pos(s: &Tensor, t: &Tensor, mu: f64, temperature: f64) ->
         )));
     }
     let (q, p) = distributions(s, t, temperature)?;
-    let kind = p.prob.kind();
-    let head = head_mask(&p.prob, mu)?;
-    let gap = p.prob.f_sub(&q.prob)?.f_abs()?.f_detach()?;
+    let kind = p.kind();
+    let p_prob = p.prob()?;
+    let head = head_mask(&p_prob, mu)?;
+    let gap = p_prob.f_sub(&q.prob()?)?.f_abs()?.f_detach()?;
     let g_head = gap.f_mul(&head)?.f_sum_dim_intlist(-1, false, kind)?;
     let g_tail = gap
         .f_mul(&head.f_neg()?.f_add_scalar(1.0)?)?

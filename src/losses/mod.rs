@@ -120,45 +120,54 @@ pub(crate) fn masked_mean(name: &str, per_pos: &Tensor, mask: Option<&Tensor>) -
 }
 
 /// One distribution over the vocabulary in a form safe for every divergence: `logp` with the
-/// entries outside the support set to 0 (finite, so no NaN reaches a gradient), and `prob` with
-/// those entries 0.
+/// entries outside the support set to 0 (finite, so no NaN reaches a gradient); `prob()` is
+/// exp(logp) with those entries 0, formed only when a divergence needs it.
 pub(crate) struct Dist {
     pub logp: Tensor,
-    pub prob: Tensor,
+    outside: Option<Tensor>,
+}
+
+impl Dist {
+    pub fn prob(&self) -> Result<Tensor> {
+        let p = self.logp.f_exp()?;
+        Ok(match &self.outside {
+            Some(o) => p.f_masked_fill(o, 0.0)?,
+            None => p,
+        })
+    }
+    pub fn kind(&self) -> Kind {
+        self.logp.kind()
+    }
 }
 
 /// Student and teacher distributions (q, p) at temperature `T`, with the teacher's −inf entries
 /// removed from both.
 pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<(Dist, Dist)> {
     let kind = compute_kind(s);
-    let s = s.f_to_kind(kind)?.f_div_scalar(temperature)?;
-    let t = t.f_to_kind(kind)?.f_div_scalar(temperature)?.f_detach()?;
-    let outside = t.f_isneginf()?;
-    let has_outside = outside.f_any()?.f_int64_value(&[])? != 0;
+    let scale = |x: &Tensor| -> Result<Tensor> {
+        let x = x.f_to_kind(kind)?;
+        Ok(if temperature == 1.0 { x } else { x.f_div_scalar(temperature)? })
+    };
+    let s = scale(s)?;
+    let t = scale(t)?.f_detach()?;
+    // one reduction instead of a boolean tensor in the common case (no −inf in the teacher)
+    let has_outside = t.f_min()?.f_double_value(&[])? == f64::NEG_INFINITY;
     if !has_outside {
         let (lq, lp) = (s.f_log_softmax(-1, kind)?, t.f_log_softmax(-1, kind)?);
-        let (q, p) = (lq.f_exp()?, lp.f_exp()?);
-        return Ok((Dist { logp: lq, prob: q }, Dist { logp: lp, prob: p }));
+        return Ok((Dist { logp: lq, outside: None }, Dist { logp: lp, outside: None }));
     }
+    let outside = t.f_isneginf()?;
     let s = s.f_masked_fill(&outside, f64::NEG_INFINITY)?;
     let zero = Tensor::f_zeros([], (kind, s.device()))?;
     let safe = |x: Tensor| -> Result<Dist> {
-        let logp = zero.f_where_self(&outside, &x)?;
-        let prob = logp.f_exp()?.f_masked_fill(&outside, 0.0)?;
-        Ok(Dist { logp, prob })
+        Ok(Dist { logp: zero.f_where_self(&outside, &x)?, outside: Some(outside.shallow_clone()) })
     };
-    Ok((
-        safe(s.f_log_softmax(-1, kind)?)?,
-        safe(t.f_log_softmax(-1, kind)?)?,
-    ))
+    Ok((safe(s.f_log_softmax(-1, kind)?)?, safe(t.f_log_softmax(-1, kind)?)?))
 }
 
 /// Per position KL(a‖b) = Σ_v a(v)·(log a(v) − log b(v)), over the last dimension.
 pub(crate) fn kl_per_pos(a: &Dist, b: &Dist) -> Result<Tensor> {
-    let kind = a.prob.kind();
-    Ok(a.prob
-        .f_mul(&a.logp.f_sub(&b.logp)?)?
-        .f_sum_dim_intlist(-1, false, kind)?)
+    Ok(a.prob()?.f_mul(&a.logp.f_sub(&b.logp)?)?.f_sum_dim_intlist(-1, false, a.kind())?)
 }
 
 /// The mixture w·a + (1−w)·b as a `Dist`, its log computed as logaddexp(log w + log a,
@@ -169,15 +178,14 @@ pub(crate) fn mixture(a: &Dist, b: &Dist, w: f64) -> Result<Dist> {
     } else if w == 1.0 {
         a.logp.shallow_clone()
     } else {
-        a.logp
-            .f_add_scalar(w.ln())?
-            .f_logaddexp(&b.logp.f_add_scalar((1.0 - w).ln())?)?
+        a.logp.f_add_scalar(w.ln())?.f_logaddexp(&b.logp.f_add_scalar((1.0 - w).ln())?)?
     };
-    let prob = a
-        .prob
-        .f_mul_scalar(w)?
-        .f_add(&b.prob.f_mul_scalar(1.0 - w)?)?;
-    Ok(Dist { logp, prob })
+    let outside = a.outside.as_ref().map(|o| o.shallow_clone());
+    let logp = match &outside {
+        Some(o) => logp.f_masked_fill(o, 0.0)?,
+        None => logp,
+    };
+    Ok(Dist { logp, outside })
 }
 
 /// The leading shape `[...]` of `[..., V]`.

@@ -42,8 +42,8 @@ impl Default for TokenSelectiveConfig {
 }
 
 fn entropy(d: &super::Dist) -> Result<Tensor> {
-    let kind = d.prob.kind();
-    Ok(d.prob
+    let kind = d.kind();
+    Ok(d.prob()?
         .f_mul(&d.logp)?
         .f_sum_dim_intlist(-1, false, kind)?
         .f_neg()?)

@@ -8,9 +8,9 @@ pub fn tvd_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
     check_pair("tvd", s, t)?;
     check_temperature("tvd", temperature)?;
     let (q, p) = distributions(s, t, temperature)?;
-    let kind = q.prob.kind();
-    Ok(p.prob
-        .f_sub(&q.prob)?
+    let kind = q.kind();
+    Ok(p.prob()?
+        .f_sub(&q.prob()?)?
         .f_abs()?
         .f_sum_dim_intlist(-1, false, kind)?
         .f_mul_scalar(0.5)?)

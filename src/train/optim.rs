@@ -99,13 +99,14 @@ impl AdamW {
                     let _ = p.f_mul_scalar_(1.0 - lr * self.cfg.weight_decay)?;
                 }
                 let _ = self.m[i].f_lerp_(&g, 1.0 - b1)?;
-                let _ = self.v[i].f_mul_scalar_(b2)?;
-                let _ = self.v[i].f_addcmul_(&g.f_mul_scalar(1.0 - b2)?, &g)?;
-                let denom = self.v[i]
-                    .f_sqrt()?
-                    .f_div_scalar(bc2.sqrt())?
-                    .f_add_scalar(self.cfg.eps)?;
-                let _ = p.f_sub_(&self.m[i].f_div(&denom)?.f_mul_scalar(step_size)?)?;
+                // v ← β2·v + (1−β2)·g²  (one temporary: g²)
+                let _ = self.v[i].f_lerp_(&g.f_square()?, 1.0 - b2)?;
+                // θ ← θ + m / d with d = −(√v/√bc2 + ε)/step_size, built in place on one temporary
+                let mut denom = self.v[i].f_sqrt()?;
+                let _ = denom.f_div_scalar_(bc2.sqrt())?;
+                let _ = denom.f_add_scalar_(self.cfg.eps)?;
+                let _ = denom.f_mul_scalar_(-1.0 / step_size)?;
+                let _ = p.f_addcdiv_(&self.m[i], &denom)?;
             }
             Ok(())
         })
