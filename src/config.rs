@@ -459,7 +459,7 @@ impl RunConfig {
             },
             grad_accum: o.grad_accum.unwrap_or(1),
             micro_batch: o.micro_batch.unwrap_or(4),
-            loss_chunk: o.loss_chunk.unwrap_or(0),
+            loss_chunk: o.loss_chunk.unwrap_or(512),
         };
         if !(optim.lr > 0.0 && optim.lr.is_finite()) {
             return Err(bad(
