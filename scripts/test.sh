@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# The test command: set-up (idempotent), then the whole suite.
+# The test command: set-up (idempotent), then the whole suite, closing with one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release --bins
-cargo test --release -- --test-threads=2 "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release -- --test-threads=2 "$@" 2>&1 | tee "$log" || status=$?
+# every test binary's "test result:" line, added up
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$log")
+echo
+echo "$passed passed, $failed failed"
+exit "$status"

@@ -21,9 +21,11 @@ pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -108,11 +110,21 @@ pub fn step(
     warmup: usize,
     chunk: Option<usize>,
 ) -> Result<StepReport> {
-    let vocab = teacher.model.config.vocab_size.min(student.model.config.vocab_size);
+    let vocab = teacher
+        .model
+        .config
+        .vocab_size
+        .min(student.model.config.vocab_size);
     let ids = bench_ids(batch, seq, vocab); // (B, T)
     let labels = ids.roll([-1], [1]);
     let _ = labels.narrow(1, seq as i64 - 1, 1).fill_(-100);
-    let objective = Objective::new(&[LossTerm { kind: loss, weight: 1.0 }], steps + warmup)?;
+    let objective = Objective::new(
+        &[LossTerm {
+            kind: loss,
+            weight: 1.0,
+        }],
+        steps + warmup,
+    )?;
     let cfg = OptimConfig {
         lr: 1e-5,
         betas: (0.9, 0.999),
@@ -127,7 +139,13 @@ pub fn step(
         loss_chunk: chunk.unwrap_or(0),
     };
     let mut opt = AdamW::new(&student.vs, &cfg)?;
-    let names = ["teacher_forward", "student_forward", "loss", "backward", "optimizer"];
+    let names = [
+        "teacher_forward",
+        "student_forward",
+        "loss",
+        "backward",
+        "optimizer",
+    ];
     let mut phases: Vec<Vec<f64>> = vec![vec![]; names.len()];
     let mut totals = vec![];
     reset_peak_rss();
@@ -138,7 +156,15 @@ pub fn step(
         if let Some(c) = chunk {
             // teacher trunk, student trunk, then head + loss + backward chunk by chunk: the phases
             // are not separable, so the whole objective and backward count as "backward"
-            let m = objective.micro_step(&student.model, Some(&teacher.model), &ids, &labels, Some(c), 1.0, false)?;
+            let m = objective.micro_step(
+                &student.model,
+                Some(&teacher.model),
+                &ids,
+                &labels,
+                Some(c),
+                1.0,
+                false,
+            )?;
             if !m.finite {
                 return Err(Error::Invalid("bench: non-finite loss".into()));
             }
@@ -175,7 +201,11 @@ pub fn step(
     let fpt = flops_per_token(teacher, student, seq);
     let peak_gflops = matmul_peak_gflops(1024);
     Ok(StepReport {
-        implementation: if chunk.is_some() { format!("distill (chunk {})", chunk.unwrap_or(0)) } else { "distill".into() },
+        implementation: if chunk.is_some() {
+            format!("distill (chunk {})", chunk.unwrap_or(0))
+        } else {
+            "distill".into()
+        },
         batch,
         seq,
         threads: tch::get_num_threads(),
@@ -183,7 +213,11 @@ pub fn step(
         ms_per_step: sec * 1e3,
         tokens_per_s: tokens / sec,
         peak_rss_mib: peak,
-        phases: names.iter().zip(phases).map(|(n, v)| (n.to_string(), median(v))).collect(),
+        phases: names
+            .iter()
+            .zip(phases)
+            .map(|(n, v)| (n.to_string(), median(v)))
+            .collect(),
         flops_per_token: fpt,
         matmul_peak_gflops: peak_gflops,
         mfu: fpt * tokens / sec / (peak_gflops * 1e9),
@@ -208,13 +242,55 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
     type LossFn = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
     let (t2, l2) = (t.shallow_clone(), labels.shallow_clone());
     let cases: Vec<(&str, LossFn)> = vec![
-        ("forward_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::forward_kl(s, &t, 1.0, None) })),
-        ("reverse_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::reverse_kl(s, &t, 1.0, None) })),
-        ("jsd", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::jsd(s, &t, 0.5, 1.0, None) })),
-        ("skew_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::skew_kl(s, &t, 0.1, 1.0, None) })),
-        ("tvd", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::tvd(s, &t, 1.0, None) })),
-        ("adaptive_kl", Box::new({ let t = t2.shallow_clone(); move |s| crate::losses::adaptive_kl(s, &t, 0.5, 1.0, None) })),
-        ("hinton", Box::new({ let (t, l) = (t2.shallow_clone(), l2.shallow_clone()); move |s| crate::losses::hinton(s, &t, &l, 0.5, 2.0, None) })),
+        (
+            "forward_kl",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::forward_kl(s, &t, 1.0, None)
+            }),
+        ),
+        (
+            "reverse_kl",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::reverse_kl(s, &t, 1.0, None)
+            }),
+        ),
+        (
+            "jsd",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::jsd(s, &t, 0.5, 1.0, None)
+            }),
+        ),
+        (
+            "skew_kl",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::skew_kl(s, &t, 0.1, 1.0, None)
+            }),
+        ),
+        (
+            "tvd",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::tvd(s, &t, 1.0, None)
+            }),
+        ),
+        (
+            "adaptive_kl",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::adaptive_kl(s, &t, 0.5, 1.0, None)
+            }),
+        ),
+        (
+            "hinton",
+            Box::new({
+                let (t, l) = (t2.shallow_clone(), l2.shallow_clone());
+                move |s| crate::losses::hinton(s, &t, &l, 0.5, 2.0, None)
+            }),
+        ),
     ];
     let mut out = vec![];
     for (name, f) in cases {
@@ -230,7 +306,11 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
             l.f_backward()?;
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
-        out.push(LossReport { loss: name.into(), ms: median(times), peak_rss_mib: peak_rss_mib() - base });
+        out.push(LossReport {
+            loss: name.into(),
+            ms: median(times),
+            peak_rss_mib: peak_rss_mib() - base,
+        });
     }
     Ok(out)
 }

@@ -151,11 +151,24 @@ fn write_json(path: Option<&Path>, v: &impl serde::Serialize) -> Result<()> {
 fn bench(cmd: BenchCommand) -> Result<()> {
     use distill::config::LossKind;
     match cmd {
-        BenchCommand::Step { teacher, student, batch, seq, loss, steps, warmup, chunk, json } => {
+        BenchCommand::Step {
+            teacher,
+            student,
+            batch,
+            seq,
+            loss,
+            steps,
+            warmup,
+            chunk,
+            json,
+        } => {
             let kind = match loss.as_str() {
                 "forward_kl" => LossKind::ForwardKl { temperature: 1.0 },
                 "reverse_kl" => LossKind::ReverseKl { temperature: 1.0 },
-                "jsd" => LossKind::Jsd { beta: 0.5, temperature: 1.0 },
+                "jsd" => LossKind::Jsd {
+                    beta: 0.5,
+                    temperature: 1.0,
+                },
                 other => bail!("--loss {other}: expected forward_kl, reverse_kl or jsd"),
             };
             let (t, s) = (load(&teacher)?, load(&student)?);
@@ -164,9 +177,15 @@ fn bench(cmd: BenchCommand) -> Result<()> {
             let r = distill::bench::step(&t, &s, kind, batch, seq, steps, warmup, chunk)?;
             write_json(json.as_deref(), &r)
         }
-        BenchCommand::Losses { shape, reps, json } => write_json(json.as_deref(), &distill::bench::losses(&shape, reps)?),
+        BenchCommand::Losses { shape, reps, json } => {
+            write_json(json.as_deref(), &distill::bench::losses(&shape, reps)?)
+        }
         BenchCommand::Matmul { n } => {
-            println!("matmul f32 {n}x{n}, {} threads: {:.1} GFLOP/s", tch::get_num_threads(), distill::bench::matmul_peak_gflops(n));
+            println!(
+                "matmul f32 {n}x{n}, {} threads: {:.1} GFLOP/s",
+                tch::get_num_threads(),
+                distill::bench::matmul_peak_gflops(n)
+            );
             Ok(())
         }
     }
@@ -398,7 +417,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench(cmd),
-        Command::Convert { model, out_dir, layers } => {
+        Command::Convert {
+            model,
+            out_dir,
+            layers,
+        } => {
             if out_dir.join("config.json").exists() || out_dir.is_file() {
                 bail!(
                     "{}: already holds a model; choose an empty folder",

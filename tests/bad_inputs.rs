@@ -91,3 +91,43 @@ fn eval_on_missing_data_file() {
     ]);
     assert_clean_failure(&out, &[]);
 }
+
+#[test]
+fn sharded_safetensors_with_an_index_load_like_one_file() {
+    let dir = tiny_folder();
+    let whole = model::load(dir.path(), tch::Device::Cpu).unwrap();
+    // split model.safetensors into two shards listed by model.safetensors.index.json
+    let tensors =
+        distill::model::hf::read_safetensors(&dir.path().join("model.safetensors")).unwrap();
+    let mut names: Vec<String> = tensors.keys().cloned().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let list: Vec<(String, tch::Tensor)> = part
+            .iter()
+            .map(|n| (n.clone(), tensors[n].shallow_clone()))
+            .collect();
+        distill::model::hf::write_safetensors(&dir.path().join(shard), &list).unwrap();
+        for n in part {
+            map.insert(n.clone(), serde_json::json!(shard));
+        }
+    }
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let sharded = model::load(dir.path(), tch::Device::Cpu).unwrap();
+    for (name, t) in whole.vs.variables() {
+        assert!(t.equal(&sharded.vs.variables()[&name]), "{name}");
+    }
+    // a shard that is missing is named
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let out = distill(&["inspect", dir.path().to_str().unwrap()]);
+    assert_clean_failure(&out, &["model-00002-of-00002.safetensors"]);
+}

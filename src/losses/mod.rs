@@ -146,7 +146,11 @@ pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<
     let kind = compute_kind(s);
     let scale = |x: &Tensor| -> Result<Tensor> {
         let x = x.f_to_kind(kind)?;
-        Ok(if temperature == 1.0 { x } else { x.f_div_scalar(temperature)? })
+        Ok(if temperature == 1.0 {
+            x
+        } else {
+            x.f_div_scalar(temperature)?
+        })
     };
     let s = scale(s)?;
     let t = scale(t)?.f_detach()?;
@@ -154,20 +158,37 @@ pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<
     let has_outside = t.f_min()?.f_double_value(&[])? == f64::NEG_INFINITY;
     if !has_outside {
         let (lq, lp) = (s.f_log_softmax(-1, kind)?, t.f_log_softmax(-1, kind)?);
-        return Ok((Dist { logp: lq, outside: None }, Dist { logp: lp, outside: None }));
+        return Ok((
+            Dist {
+                logp: lq,
+                outside: None,
+            },
+            Dist {
+                logp: lp,
+                outside: None,
+            },
+        ));
     }
     let outside = t.f_isneginf()?;
     let s = s.f_masked_fill(&outside, f64::NEG_INFINITY)?;
     let zero = Tensor::f_zeros([], (kind, s.device()))?;
     let safe = |x: Tensor| -> Result<Dist> {
-        Ok(Dist { logp: zero.f_where_self(&outside, &x)?, outside: Some(outside.shallow_clone()) })
+        Ok(Dist {
+            logp: zero.f_where_self(&outside, &x)?,
+            outside: Some(outside.shallow_clone()),
+        })
     };
-    Ok((safe(s.f_log_softmax(-1, kind)?)?, safe(t.f_log_softmax(-1, kind)?)?))
+    Ok((
+        safe(s.f_log_softmax(-1, kind)?)?,
+        safe(t.f_log_softmax(-1, kind)?)?,
+    ))
 }
 
 /// Per position KL(a‖b) = Σ_v a(v)·(log a(v) − log b(v)), over the last dimension.
 pub(crate) fn kl_per_pos(a: &Dist, b: &Dist) -> Result<Tensor> {
-    Ok(a.prob()?.f_mul(&a.logp.f_sub(&b.logp)?)?.f_sum_dim_intlist(-1, false, a.kind())?)
+    Ok(a.prob()?
+        .f_mul(&a.logp.f_sub(&b.logp)?)?
+        .f_sum_dim_intlist(-1, false, a.kind())?)
 }
 
 /// The mixture w·a + (1−w)·b as a `Dist`, its log computed as logaddexp(log w + log a,
@@ -178,7 +199,9 @@ pub(crate) fn mixture(a: &Dist, b: &Dist, w: f64) -> Result<Dist> {
     } else if w == 1.0 {
         a.logp.shallow_clone()
     } else {
-        a.logp.f_add_scalar(w.ln())?.f_logaddexp(&b.logp.f_add_scalar((1.0 - w).ln())?)?
+        a.logp
+            .f_add_scalar(w.ln())?
+            .f_logaddexp(&b.logp.f_add_scalar((1.0 - w).ln())?)?
     };
     let outside = a.outside.as_ref().map(|o| o.shallow_clone());
     let logp = match &outside {
