@@ -11,17 +11,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-def peak_rss_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def reset_peak():
-    open("/proc/self/clear_refs", "w").write("5")
+from rss import peak_rss_mib, reset_peak
 
 
 def kl(la, lb):

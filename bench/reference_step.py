@@ -13,20 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-def peak_rss_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def reset_peak():
-    try:
-        open("/proc/self/clear_refs", "w").write("5")
-    except OSError:
-        pass
+from rss import peak_rss_mib, reset_peak
 
 
 def loss_fn(kind, s, t, mask):

@@ -160,7 +160,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let st = checkpoint::read_state(ck)?;
         if st.total_steps != total || st.seed != cfg.seed {
             return Err(Error::Invalid(format!(
-                "{}: was made by a run of {} steps with seed {}; this run file gives {total} steps with seed {}",
+                "{}: was made by a run of {} steps with seed {}; this run file gives {total} steps with seed {} (--overwrite starts over)",
                 ck.display(),
                 st.total_steps,
                 st.seed,
