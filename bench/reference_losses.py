@@ -50,8 +50,10 @@ def main():
         "jsd": lambda s: (0.5 * kl(lp(t), torch.logaddexp(lp(t) + half, lp(s) + half))
                           + 0.5 * kl(lp(s), torch.logaddexp(lp(t) + half, lp(s) + half))).mean(),
         "skew_kl": lambda s: kl(lp(t), torch.log(0.1 * lp(t).exp() + 0.9 * lp(s).exp())).mean(),
+        "skew_reverse_kl": lambda s: kl(lp(s), torch.log(0.1 * lp(s).exp() + 0.9 * lp(t).exp())).mean(),
         "tvd": lambda s: (0.5 * (lp(t).exp() - lp(s).exp()).abs().sum(-1)).mean(),
         "adaptive_kl": adaptive_kl,
+        "taid": lambda s: kl(lp(0.5 * s.detach() + 0.5 * t), lp(s)).mean(),
         "hinton": lambda s: 0.5 * 4.0 * kl(lp(t, 2.0), lp(s, 2.0)).mean()
                             + 0.5 * F.cross_entropy(s.reshape(-1, shape[-1]), labels.reshape(-1)),
     }

@@ -271,6 +271,13 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
             }),
         ),
         (
+            "skew_reverse_kl",
+            Box::new({
+                let t = t2.shallow_clone();
+                move |s| crate::losses::skew_reverse_kl(s, &t, 0.1, 1.0, None)
+            }),
+        ),
+        (
             "tvd",
             Box::new({
                 let t = t2.shallow_clone();
@@ -282,6 +289,19 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
             Box::new({
                 let t = t2.shallow_clone();
                 move |s| crate::losses::adaptive_kl(s, &t, 0.5, 1.0, None)
+            }),
+        ),
+        (
+            "taid",
+            Box::new({
+                let t = t2.shallow_clone();
+                let mut taid = crate::losses::Taid::new(0.4, 1.0, 5e-4, 0.99, 1)?;
+                taid.restore(crate::losses::taid::TaidState {
+                    lambda: 0.5,
+                    momentum: 0.0,
+                    prev_loss: None,
+                });
+                move |s| taid.loss(s, &t, None)
             }),
         ),
         (

@@ -1032,6 +1032,16 @@ fn extreme_logits_and_masked_vocabulary_stay_finite() {
             "token_selective",
             Box::new(|a, b| tsd::token_selective(a, b, &Default::default(), None).unwrap()),
         ),
+        (
+            "pld",
+            Box::new(|a, b| losses::pld(a, b, &labels, 1.0, None).unwrap()),
+        ),
+        (
+            "sinkhorn",
+            Box::new(|a, b| {
+                losses::sinkhorn(&a.reshape([6, 50]), &b.reshape([6, 50]), 1.0, 0.1, 20).unwrap()
+            }),
+        ),
     ];
     for (name, f) in &cases {
         let x = tensor(&s, Kind::Float).set_requires_grad(true);
