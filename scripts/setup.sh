@@ -6,6 +6,8 @@
 # Source it (`. scripts/setup.sh`) to get the environment variables; running it also works.
 set -euo pipefail
 
+# a bare environment may lack HOME: take it from the password database
+export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 DISTILL_CACHE="${DISTILL_CACHE:-$HOME/.cache/distill}"
 VENV="$DISTILL_CACHE/venv"
 TORCH_VERSION="2.11.0"
