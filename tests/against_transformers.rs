@@ -234,7 +234,11 @@ fn random_tiny_models_load_in_transformers_with_equal_logits() {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8.0,
     };
-    for (i, cfg) in [LlamaConfig::tiny(64, 32, 2, 4, 2), qwen, llama3]
+    // Mistral with a sliding window shorter than the 16 test positions: the window must bind alike
+    let mut mistral = LlamaConfig::tiny(80, 32, 2, 4, 2);
+    mistral.arch = distill::model::Arch::Mistral;
+    mistral.sliding_window = Some(6);
+    for (i, cfg) in [LlamaConfig::tiny(64, 32, 2, 4, 2), qwen, llama3, mistral]
         .into_iter()
         .enumerate()
     {

@@ -79,3 +79,26 @@ fn truncated_header_is_a_clear_error() {
     let out = distill(&["inspect", p.to_str().unwrap()]);
     assert_clean_failure(&out, &[p.to_str().unwrap(), "truncated"]);
 }
+
+#[test]
+fn version_2_files_read_like_version_3() {
+    // v2 and v3 share the layout (v3 added big-endian files); patch the version field of a copy
+    let mut bytes = std::fs::read(demo_teacher()).unwrap();
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let (_d, p) = corrupt(&bytes, "v2.gguf");
+    let v2 = GgufFile::open(&p).unwrap();
+    let v3 = GgufFile::open(&demo_teacher()).unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.metadata, v3.metadata);
+    let info = v2.tensor("blk.0.attn_q.weight").unwrap();
+    assert_eq!(
+        v2.dequantize(info).unwrap(),
+        v3.dequantize(v3.tensor("blk.0.attn_q.weight").unwrap())
+            .unwrap()
+    );
+    // and version 1 (32-bit counts) is refused by name
+    bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+    let (_d1, p1) = corrupt(&bytes, "v1.gguf");
+    let err = GgufFile::open(&p1).err().unwrap().to_string();
+    assert!(err.contains("GGUF version 1 is not supported"), "{err}");
+}
