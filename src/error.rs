@@ -27,11 +27,19 @@ pub enum Error {
     Tokenizer(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    /// libtorch's message without the C++ stack it appends (deliberately not a `source`: error
+    /// chains would print the stack again).
+    #[error("libtorch: {}", torch_summary(.0))]
+    Torch(tch::TchError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::Torch(e)
+    }
+}
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -57,4 +65,11 @@ impl Error {
             msg: msg.into(),
         }
     }
+}
+
+/// The first line of a libtorch error (its C++ frames follow "Exception raised from").
+pub fn torch_summary(e: &tch::TchError) -> String {
+    let text = e.to_string();
+    let cut = text.find("\nException raised from").unwrap_or(text.len());
+    text[..cut].lines().next().unwrap_or("").trim().to_string()
 }

@@ -171,11 +171,19 @@ fn bench(cmd: BenchCommand) -> Result<()> {
                 },
                 other => bail!("--loss {other}: expected forward_kl, reverse_kl or jsd"),
             };
+            if batch == 0 || seq < 2 || steps == 0 {
+                bail!("bench step needs --batch ≥ 1, --seq ≥ 2 and --steps ≥ 1");
+            }
             let (t, s) = (load(&teacher)?, load(&student)?);
             let mut t = t;
             t.vs.freeze();
             let r = distill::bench::step(&t, &s, kind, batch, seq, steps, warmup, chunk)?;
             write_json(json.as_deref(), &r)
+        }
+        BenchCommand::Losses { shape, reps, .. }
+            if shape.len() < 2 || shape.iter().any(|&d| d < 1) || reps == 0 =>
+        {
+            bail!("bench losses needs a --shape of at least two positive sizes (…, V) and --reps ≥ 1, got {shape:?}")
         }
         BenchCommand::Losses { shape, reps, json } => {
             write_json(json.as_deref(), &distill::bench::losses(&shape, reps)?)
@@ -520,10 +528,15 @@ fn main() -> ExitCode {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            eprintln!(
-                "distill: internal error: {}",
-                msg.lines().next().unwrap_or("")
-            );
+            // one line: no C++ frames (they follow a newline, literal or escaped)
+            let first = msg
+                .split("\\n")
+                .next()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("");
+            eprintln!("distill: internal error: {first}");
             ExitCode::from(2)
         }
     }

@@ -193,6 +193,7 @@ impl Objective {
     /// either side exists, only (c, V) ones. Each chunk's mean is weighted by its share of the counted
     /// positions, so the value and the gradients equal the unchunked ones.
     /// `poison` multiplies the value by NaN (the test hook for non-finite steps).
+    #[allow(clippy::too_many_arguments)]
     pub fn micro_step(
         &self,
         student: &crate::model::Llama,

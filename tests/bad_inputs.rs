@@ -131,3 +131,25 @@ fn sharded_safetensors_with_an_index_load_like_one_file() {
     let out = distill(&["inspect", dir.path().to_str().unwrap()]);
     assert_clean_failure(&out, &["model-00002-of-00002.safetensors"]);
 }
+
+#[test]
+fn a_tokenizer_larger_than_the_model_is_one_clear_line() {
+    // a 64-row model saved with a 259-token tokenizer: text ids run past the embedding
+    let m = model::random(&LlamaConfig::tiny(64, 32, 2, 4, 2), tch::Device::Cpu, 0).unwrap();
+    let mut m = m;
+    m.tokenizer = Some(distill::model::Tokenizer::byte_level(&["<|endoftext|>"]).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    m.save_hf(tmp.path()).unwrap();
+    let data = tmp.path().join("text.txt");
+    std::fs::write(&data, "zzzz zzzz zzzz").unwrap();
+    let out = distill(&[
+        "eval",
+        tmp.path().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert_clean_failure(
+        &out,
+        &["token id 122 is outside the model's vocabulary of 64"],
+    );
+}

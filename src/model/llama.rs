@@ -353,12 +353,26 @@ impl Llama {
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
-        match ids.size().as_slice() {
-            &[b, t] if t > 0 => Ok((b, t)),
-            s => Err(Error::Shape(format!(
-                "model forward: 'ids' has shape {s:?}, expected [batch, seq] with seq > 0"
-            ))),
+        let (b, t) = match ids.size().as_slice() {
+            &[b, t] if t > 0 && b > 0 => (b, t),
+            s => {
+                return Err(Error::Shape(format!(
+                    "model forward: 'ids' has shape {s:?}, expected [batch, seq], both > 0"
+                )))
+            }
+        };
+        let (lo, hi) = (
+            ids.f_min()?.f_int64_value(&[])?,
+            ids.f_max()?.f_int64_value(&[])?,
+        );
+        let v = self.config.vocab_size as i64;
+        if lo < 0 || hi >= v {
+            return Err(Error::Invalid(format!(
+                "token id {} is outside the model's vocabulary of {v} (does the tokenizer belong to this model?)",
+                if lo < 0 { lo } else { hi }
+            )));
         }
+        Ok((b, t))
     }
 
     /// The trunk: the final normed hidden state (B, T, d) and, when asked, the residual stream

@@ -137,6 +137,26 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             cfg.data.train.display()
         )));
     }
+    // every token id must have a row in both models (checked before anything is written)
+    let rows = teacher
+        .model
+        .config
+        .vocab_size
+        .min(student.model.config.vocab_size);
+    let max_id = ds
+        .train
+        .iter()
+        .chain(&ds.validation)
+        .flat_map(|s| s.ids.iter())
+        .max()
+        .copied()
+        .unwrap_or(0);
+    if max_id as usize >= rows {
+        return Err(Error::Invalid(format!(
+            "{}: token id {max_id} is outside the models' vocabulary of {rows} rows (does the tokenizer belong to these models?)",
+            cfg.data.train.display()
+        )));
+    }
     let total = total_steps(cfg, ds.train.len());
     let mut objective = Objective::new(&cfg.losses, total)?;
     let mut opt = AdamW::new(&student.vs, &cfg.optim)?;
