@@ -7,7 +7,7 @@
 //! Mean over counted positions; at p = q (g_head + g_tail = 0) the value is 0.
 //! Differs from the published code, which sorts ascending and calls "tail" the smallest tokens whose
 //! cumulative mass stays below μ: the two splits differ only in the token that crosses μ.
-use super::{check_pair, check_temperature, distributions, kl_per_pos, masked_mean};
+use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -20,14 +20,12 @@ pub fn head_mask(p: &Tensor, mu: f64) -> Result<Tensor> {
 }
 
 pub fn adaptive_kl_per_pos(s: &Tensor, t: &Tensor, mu: f64, temperature: f64) -> Result<Tensor> {
-    check_pair("adaptive_kl", s, t)?;
-    check_temperature("adaptive_kl", temperature)?;
     if !(mu > 0.0 && mu <= 1.0) {
         return Err(Error::Invalid(format!(
             "adaptive_kl: mu must be in (0, 1], got {mu}"
         )));
     }
-    let (q, p) = distributions(s, t, temperature)?;
+    let (q, p) = checked_distributions("adaptive_kl", s, t, temperature)?;
     let kind = p.kind();
     let p_prob = p.prob()?;
     let head = head_mask(&p_prob, mu)?;

@@ -4,22 +4,23 @@
 //! at β ∈ {0, 1}: both give 0 (users who want FKL or RKL name them). The gradient flows through q in
 //! both terms, M included. Differs from TRL's early `generalized_jsd_loss`, which put β on the wrong
 //! distributions of the mixture.
-use super::{
-    check_pair, check_temperature, check_unit, distributions, kl_per_pos, masked_mean, mixture,
-};
+use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture, Dist};
 use crate::Result;
 use tch::Tensor;
 
 /// JSD(β) per position, shape `[...]`.
 pub fn jsd_per_pos(s: &Tensor, t: &Tensor, beta: f64, temperature: f64) -> Result<Tensor> {
-    check_pair("jsd", s, t)?;
-    check_temperature("jsd", temperature)?;
     check_unit("jsd", "beta", beta)?;
-    let (q, p) = distributions(s, t, temperature)?;
-    let m = mixture(&p, &q, beta)?;
-    Ok(kl_per_pos(&p, &m)?
+    let (q, p) = checked_distributions("jsd", s, t, temperature)?;
+    jsd_of(&q, &p, beta)
+}
+
+/// JSD(β) per position of distributions already formed (student q, teacher p).
+pub(crate) fn jsd_of(q: &Dist, p: &Dist, beta: f64) -> Result<Tensor> {
+    let m = mixture(p, q, beta)?;
+    Ok(kl_per_pos(p, &m)?
         .f_mul_scalar(beta)?
-        .f_add(&kl_per_pos(&q, &m)?.f_mul_scalar(1.0 - beta)?)?)
+        .f_add(&kl_per_pos(q, &m)?.f_mul_scalar(1.0 - beta)?)?)
 }
 
 pub fn jsd(

@@ -5,23 +5,19 @@
 //! applies it). Differs from torchtune's "ForwardKLLoss", which returns the cross-entropy −Σ p log q
 //! (same gradient, value higher by H(p), not 0 at p = q).
 //! Note for readers of PyTorch code: `F.kl_div(input, target)` is KL(target‖input).
-use super::{check_pair, check_temperature, distributions, kl_per_pos, masked_mean};
+use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::Result;
 use tch::Tensor;
 
 /// KL(p‖q) per position, shape `[...]`.
 pub fn forward_kl_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
-    check_pair("forward_kl", s, t)?;
-    check_temperature("forward_kl", temperature)?;
-    let (q, p) = distributions(s, t, temperature)?;
+    let (q, p) = checked_distributions("forward_kl", s, t, temperature)?;
     kl_per_pos(&p, &q)
 }
 
 /// KL(q‖p) per position, shape `[...]`.
 pub fn reverse_kl_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
-    check_pair("reverse_kl", s, t)?;
-    check_temperature("reverse_kl", temperature)?;
-    let (q, p) = distributions(s, t, temperature)?;
+    let (q, p) = checked_distributions("reverse_kl", s, t, temperature)?;
     kl_per_pos(&q, &p)
 }
 

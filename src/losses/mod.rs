@@ -140,6 +140,18 @@ impl Dist {
     }
 }
 
+/// `distributions` after the checks every pairwise divergence makes: same shapes, floats, T > 0.
+pub(crate) fn checked_distributions(
+    name: &str,
+    s: &Tensor,
+    t: &Tensor,
+    temperature: f64,
+) -> Result<(Dist, Dist)> {
+    check_pair(name, s, t)?;
+    check_temperature(name, temperature)?;
+    distributions(s, t, temperature)
+}
+
 /// Student and teacher distributions (q, p) at temperature `T`, with the teacher's −inf entries
 /// removed from both.
 pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<(Dist, Dist)> {

@@ -3,17 +3,13 @@
 //!   skew_reverse_kl(α) = KL(q ‖ α·q + (1−α)·p)
 //! The mixture's log is a logaddexp of log-probabilities; the gradient flows through q wherever it
 //! appears (as in DistiLLM's code). α = 0 gives forward (resp. reverse) KL; α = 1 gives 0.
-use super::{
-    check_pair, check_temperature, check_unit, distributions, kl_per_pos, masked_mean, mixture,
-};
+use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture};
 use crate::Result;
 use tch::Tensor;
 
 pub fn skew_kl_per_pos(s: &Tensor, t: &Tensor, alpha: f64, temperature: f64) -> Result<Tensor> {
-    check_pair("skew_kl", s, t)?;
-    check_temperature("skew_kl", temperature)?;
     check_unit("skew_kl", "alpha", alpha)?;
-    let (q, p) = distributions(s, t, temperature)?;
+    let (q, p) = checked_distributions("skew_kl", s, t, temperature)?;
     kl_per_pos(&p, &mixture(&p, &q, alpha)?)
 }
 
@@ -23,10 +19,8 @@ pub fn skew_reverse_kl_per_pos(
     alpha: f64,
     temperature: f64,
 ) -> Result<Tensor> {
-    check_pair("skew_reverse_kl", s, t)?;
-    check_temperature("skew_reverse_kl", temperature)?;
     check_unit("skew_reverse_kl", "alpha", alpha)?;
-    let (q, p) = distributions(s, t, temperature)?;
+    let (q, p) = checked_distributions("skew_reverse_kl", s, t, temperature)?;
     kl_per_pos(&q, &mixture(&q, &p, alpha)?)
 }
 

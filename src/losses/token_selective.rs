@@ -10,7 +10,7 @@
 //!      the reverse order; this is the paper's intended objective.
 //!
 //! H(x) = −Σ x log x; p = softmax(t/T), q = softmax(s/T) (T = 1 by default).
-use super::jsd::jsd_per_pos;
+use super::jsd::jsd_of;
 use super::pld::plackett_luce_suffix;
 use super::{check_pair, check_temperature, distributions, mask_bool, masked_mean};
 use crate::{Error, Result};
@@ -57,15 +57,11 @@ pub fn weighted_jsd(
     temperature: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    check_pair("token_selective", s, t)?;
-    check_temperature("token_selective", temperature)?;
-    let (q, p) = distributions(s, t, temperature)?;
+    super::check_unit("token_selective", "beta", beta)?;
+    // one pair of distributions serves the weight and the divergence
+    let (q, p) = super::checked_distributions("token_selective", s, t, temperature)?;
     let w = entropy(&q)?.f_sub(&entropy(&p)?)?.f_sigmoid()?.f_detach()?;
-    masked_mean(
-        "token_selective",
-        &w.f_mul(&jsd_per_pos(s, t, beta, temperature)?)?,
-        mask,
-    )
+    masked_mean("token_selective", &w.f_mul(&jsd_of(&q, &p, beta)?)?, mask)
 }
 
 /// Part 2: mean H(q) over counted tokens with H(q) ≥ the `quantile` of H(q) over counted tokens.

@@ -1,13 +1,11 @@
 //! Total variation distance: TVD(p, q) = ½·Σ_v |p(v) − q(v)|, mean over counted positions
 //! (used as a KD objective by Wen et al. 2023, "f-divergence minimization for sequence-level KD").
-use super::{check_pair, check_temperature, distributions, masked_mean};
+use super::{checked_distributions, masked_mean};
 use crate::Result;
 use tch::Tensor;
 
 pub fn tvd_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
-    check_pair("tvd", s, t)?;
-    check_temperature("tvd", temperature)?;
-    let (q, p) = distributions(s, t, temperature)?;
+    let (q, p) = checked_distributions("tvd", s, t, temperature)?;
     let kind = q.kind();
     Ok(p.prob()?
         .f_sub(&q.prob()?)?
