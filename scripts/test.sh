@@ -3,11 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo build --release --bins
+cargo build --release --bins --features fault-injection
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release -- --test-threads=2 "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --features fault-injection -- --test-threads=2 "$@" 2>&1 | tee "$log" || status=$?
 # every test binary's "test result:" line, added up
 read -r passed failed < <(awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { print p + 0, f + 0 }' "$log")
 echo

@@ -2,10 +2,12 @@
 //! matmul peak, and each divergence's forward + backward over a vocabulary-sized input. Peak memory
 //! is the process's resident high-water mark (VmHWM), reset (clear_refs) after loading so that it
 //! covers the measured work (the loaded weights stay resident and are included).
-use crate::config::{LossKind, LossTerm, OptimConfig, Schedule};
+use crate::data::{Batch, IGNORE_INDEX};
 use crate::model::LoadedModel;
-use crate::objective::Objective;
-use crate::train::optim::AdamW;
+use crate::objective::{LossTerm, Objective};
+use crate::teacher::{Live, TeacherDist};
+use crate::train::optim::{AdamW, OptimConfig, Schedule};
+use crate::train::step::{micro_step, StepOptions};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -103,7 +105,7 @@ pub fn bench_ids(batch: usize, seq: usize, vocab: usize) -> Tensor {
 pub fn step(
     teacher: &LoadedModel,
     student: &LoadedModel,
-    loss: LossKind,
+    loss: LossTerm,
     batch: usize,
     seq: usize,
     steps: usize,
@@ -117,14 +119,10 @@ pub fn step(
         .min(student.model.config.vocab_size);
     let ids = bench_ids(batch, seq, vocab); // (B, T)
     let labels = ids.roll([-1], [1]);
-    let _ = labels.narrow(1, seq as i64 - 1, 1).fill_(-100);
-    let objective = Objective::new(
-        &[LossTerm {
-            kind: loss,
-            weight: 1.0,
-        }],
-        steps + warmup,
-    )?;
+    let _ = labels.narrow(1, seq as i64 - 1, 1).fill_(IGNORE_INDEX);
+    let b = Batch::from_ids_labels(&ids, &labels)?;
+    let objective = Objective::new(&[loss], steps + warmup)?;
+    let live = Live::new(&teacher.model);
     let cfg = OptimConfig {
         lr: 1e-5,
         betas: (0.9, 0.999),
@@ -156,25 +154,24 @@ pub fn step(
         if let Some(c) = chunk {
             // teacher trunk, student trunk, then head + loss + backward chunk by chunk: the phases
             // are not separable, so the whole objective and backward count as "backward"
-            let m = objective.micro_step(
+            let m = micro_step(
                 &student.model,
-                Some(&teacher.model),
-                &ids,
-                &labels,
-                Some(c),
-                1.0,
-                false,
+                Some(&live),
+                &objective,
+                &b,
+                &StepOptions::new(Some(c), 1.0),
             )?;
             if !m.finite {
                 return Err(Error::Invalid("bench: non-finite loss".into()));
             }
             marks.extend([0.0, 0.0, 0.0, t0.elapsed().as_secs_f64()]);
         } else {
-            let t_logits = tch::no_grad(|| teacher.model.forward(&ids))?;
+            let t_logits = tch::no_grad(|| teacher.model.forward(&ids))?.f_flatten(0, 1)?;
             marks.push(t0.elapsed().as_secs_f64());
-            let s_logits = student.model.forward(&ids)?;
+            let s_logits = student.model.forward(&ids)?.f_flatten(0, 1)?;
             marks.push(t0.elapsed().as_secs_f64());
-            let v = objective.compute(&s_logits, Some(&t_logits), &labels)?;
+            let (l, w) = b.flat_targets()?;
+            let v = objective.compute(&s_logits, Some(&TeacherDist::Dense(t_logits)), &l, &w)?;
             let _ = v.total.f_double_value(&[])?;
             marks.push(t0.elapsed().as_secs_f64());
             v.total.f_backward()?;
@@ -231,89 +228,31 @@ pub struct LossReport {
     pub peak_rss_mib: f64,
 }
 
-/// Forward + backward of each divergence over random logits of `shape` (…, V): median ms and the
-/// memory high-water mark above what was resident before.
+/// The parameters each kind is benched with where they differ from its defaults (the same as
+/// bench/reference_losses.py uses), and TAID's λ.
+const BENCH_PARAMS: &[(&str, &[(&str, f64)])] = &[("hinton", &[("temperature", 2.0)])];
+
+/// Forward + backward of each loss of the registry over random logits of `shape` (…, V): median ms
+/// and the memory high-water mark above what was resident before. Sinkhorn is left out: it compares
+/// every pair of rows (O(N²·V)), not positions.
 pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
+    use crate::losses::registry::{self, BuildContext, LossInput};
     tch::manual_seed(0);
     let t = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 2.0;
     let s0 = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 2.0;
     let lead = &shape[..shape.len() - 1];
     let labels = Tensor::randint(shape[shape.len() - 1], lead, (Kind::Int64, Device::Cpu));
-    type LossFn = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
-    let (t2, l2) = (t.shallow_clone(), labels.shallow_clone());
-    let cases: Vec<(&str, LossFn)> = vec![
-        (
-            "forward_kl",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::forward_kl(s, &t, 1.0, None)
-            }),
-        ),
-        (
-            "reverse_kl",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::reverse_kl(s, &t, 1.0, None)
-            }),
-        ),
-        (
-            "jsd",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::jsd(s, &t, 0.5, 1.0, None)
-            }),
-        ),
-        (
-            "skew_kl",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::skew_kl(s, &t, 0.1, 1.0, None)
-            }),
-        ),
-        (
-            "skew_reverse_kl",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::skew_reverse_kl(s, &t, 0.1, 1.0, None)
-            }),
-        ),
-        (
-            "tvd",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::tvd(s, &t, 1.0, None)
-            }),
-        ),
-        (
-            "adaptive_kl",
-            Box::new({
-                let t = t2.shallow_clone();
-                move |s| crate::losses::adaptive_kl(s, &t, 0.5, 1.0, None)
-            }),
-        ),
-        (
-            "taid",
-            Box::new({
-                let t = t2.shallow_clone();
-                let mut taid = crate::losses::Taid::new(0.4, 1.0, 5e-4, 0.99, 1)?;
-                taid.restore(crate::losses::taid::TaidState {
-                    lambda: 0.5,
-                    momentum: 0.0,
-                    prev_loss: None,
-                });
-                move |s| taid.loss(s, &t, None)
-            }),
-        ),
-        (
-            "hinton",
-            Box::new({
-                let (t, l) = (t2.shallow_clone(), l2.shallow_clone());
-                move |s| crate::losses::hinton(s, &t, &l, 0.5, 2.0, None)
-            }),
-        ),
-    ];
+    let weights = Tensor::ones(lead, (Kind::Float, Device::Cpu));
     let mut out = vec![];
-    for (name, f) in cases {
+    for spec in registry::REGISTRY.iter().filter(|s| s.name != "sinkhorn") {
+        let given = BENCH_PARAMS
+            .iter()
+            .find(|(n, _)| *n == spec.name)
+            .map_or(&[][..], |(_, p)| *p);
+        let mut loss = registry::build(spec.name, given, &BuildContext { total_steps: 1 })?;
+        if spec.name == "taid" {
+            loss.restore(&serde_json::json!({"lambda": 0.5, "momentum": 0.0, "prev_loss": null}))?;
+        }
         let mut times = vec![];
         let base = {
             reset_peak_rss();
@@ -322,12 +261,17 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
         for _ in 0..reps {
             let s = s0.detach().set_requires_grad(true);
             let t0 = Instant::now();
-            let l = f(&s)?;
+            let l = loss.compute(&LossInput {
+                student: &s,
+                teacher: Some(&t),
+                labels: &labels,
+                weights: &weights,
+            })?;
             l.f_backward()?;
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         out.push(LossReport {
-            loss: name.into(),
+            loss: spec.name.into(),
             ms: median(times),
             peak_rss_mib: peak_rss_mib() - base,
         });

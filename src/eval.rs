@@ -2,7 +2,9 @@
 //! The stream is cut into consecutive, non-overlapping windows of `window` tokens (the last one may
 //! be shorter); inside each window every token after the first is predicted from the ones before it.
 //! perplexity = exp(Σ −log q(x_t | x_<t) / N), N = number of predicted tokens.
+use crate::data::{Batch, Sequence};
 use crate::model::Llama;
+use crate::teacher::TeacherSignal;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -69,22 +71,24 @@ pub fn perplexity(model: &Llama, ids: &[u32], window: usize, batch: usize) -> Re
     })
 }
 
-/// What distillation is judged by, over the target positions of validation sequences:
-/// student and teacher perplexity, KL(teacher‖student) per token (T = 1, shared vocabulary) and
-/// how often the student's top-1 token equals the teacher's.
+/// What distillation is judged by, over the target positions of validation sequences, each
+/// position weighted by its per-token weight (1 on targets by default): student and teacher
+/// perplexity exp(Σ w·NLL / Σ w), KL(teacher‖student) per token (T = 1, shared vocabulary) and how
+/// often the student's top-1 token equals the teacher's.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DistillMetrics {
     pub student_ppl: f64,
     pub teacher_ppl: f64,
     pub kl: f64,
     pub top1: f64,
+    /// positions with a weight > 0
     pub tokens: usize,
 }
 
 pub fn distill_metrics(
-    teacher: &Llama,
+    teacher: &dyn TeacherSignal,
     student: &Llama,
-    seqs: &[crate::data::Sequence],
+    seqs: &[Sequence],
     batch: usize,
 ) -> Result<DistillMetrics> {
     if seqs.is_empty() {
@@ -92,55 +96,63 @@ pub fn distill_metrics(
             "evaluation needs at least one validation sequence".into(),
         ));
     }
-    let (mut nll_s, mut nll_t, mut kl, mut agree, mut n) = (0.0, 0.0, 0.0, 0.0, 0usize);
+    let device = student.device();
+    let zero = || Tensor::f_zeros([], (Kind::Double, device));
+    let (mut nll_s, mut nll_t, mut kl, mut agree, mut wsum) = (zero()?, zero()?, zero()?, zero()?, zero()?);
+    let mut n = 0usize;
     tch::no_grad(|| -> Result<()> {
-        for group in seqs.chunks(batch.max(1)) {
-            let (ids, labels) = crate::data::sampler::batch_tensors(group)?;
-            let s = student.forward(&ids)?;
-            let t = teacher.forward(&ids)?;
-            let v = s.size()[2].min(t.size()[2]);
-            let (s, t) = (s.narrow(2, 0, v), t.narrow(2, 0, v));
-            let mask = labels.f_ne(-100)?;
+        let idx: Vec<usize> = (0..seqs.len()).collect();
+        for rows in idx.chunks(batch.max(1)) {
+            let b = Batch::new(seqs, rows, device)?;
+            n += b.counted();
+            let (labels, w) = b.flat_targets()?; // (N), (N)
+            let s = student.forward(&b.ids)?.f_flatten(0, 1)?; // (N, Vs)
+            let t = teacher.prepare(&b, &[])?;
+            let t = t.positions(0, t.len())?;
+            let t = t.dense()?; // (N, Vt)
+            let v = s.size()[1].min(t.size()[1]);
+            let (s, t) = (s.f_narrow(1, 0, v)?, t.f_narrow(1, 0, v)?);
+            let w = w.f_to_kind(Kind::Double)?;
+            let counted = w.f_ne(0.0)?;
             let safe = labels.f_clamp_min(0)?.f_unsqueeze(-1)?;
-            let pick = |logits: &Tensor| -> Result<f64> {
-                let lp = logits
-                    .f_log_softmax(-1, Kind::Float)?
-                    .f_gather(-1, &safe, false)?
-                    .f_squeeze_dim(-1)?;
-                Ok(-lp
-                    .f_masked_select(&mask)?
-                    .f_sum(Kind::Double)?
-                    .f_double_value(&[])?)
+            // Σ w·x over positions of weight > 0 (elsewhere x may be anything: it is selected away)
+            let weighted = |x: &Tensor| -> Result<Tensor> {
+                let x = x.f_to_kind(Kind::Double)?;
+                Ok(x.f_where_self(&counted, &x.f_zeros_like()?)?
+                    .f_mul(&w)?
+                    .f_sum(Kind::Double)?)
             };
-            nll_s += pick(&s)?;
-            nll_t += pick(&t)?;
-            let per = crate::losses::kl::forward_kl_per_pos(&s, &t, 1.0)?;
-            kl += per
-                .f_masked_select(&mask)?
-                .f_sum(Kind::Double)?
-                .f_double_value(&[])?;
+            let nll = |logits: &Tensor| -> Result<Tensor> {
+                weighted(
+                    &logits
+                        .f_log_softmax(-1, Kind::Float)?
+                        .f_gather(-1, &safe, false)?
+                        .f_squeeze_dim(-1)?
+                        .f_neg()?,
+                )
+            };
+            nll_s = nll_s.f_add(&nll(&s)?)?;
+            nll_t = nll_t.f_add(&nll(&t)?)?;
+            kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(&s, &t, 1.0)?)?)?;
             let same = s
                 .f_argmax(-1, false)?
                 .f_eq_tensor(&t.f_argmax(-1, false)?)?;
-            agree += same
-                .f_masked_select(&mask)?
-                .f_sum(Kind::Double)?
-                .f_double_value(&[])?;
-            n += mask.f_sum(Kind::Int64)?.f_int64_value(&[])? as usize;
+            agree = agree.f_add(&weighted(&same)?)?;
+            wsum = wsum.f_add(&w.f_sum(Kind::Double)?)?;
         }
         Ok(())
     })?;
-    if n == 0 {
+    let wsum = wsum.f_double_value(&[])?;
+    if n == 0 || wsum <= 0.0 {
         return Err(Error::Invalid(
             "the validation data has no target token".into(),
         ));
     }
-    let nf = n as f64;
     Ok(DistillMetrics {
-        student_ppl: (nll_s / nf).exp(),
-        teacher_ppl: (nll_t / nf).exp(),
-        kl: kl / nf,
-        top1: agree / nf,
+        student_ppl: (nll_s.f_double_value(&[])? / wsum).exp(),
+        teacher_ppl: (nll_t.f_double_value(&[])? / wsum).exp(),
+        kl: kl.f_double_value(&[])? / wsum,
+        top1: agree.f_double_value(&[])? / wsum,
         tokens: n,
     })
 }

@@ -100,6 +100,25 @@ pub fn generate(
             "generate: token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
+    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
+        return Err(Error::Invalid(format!(
+            "generate: temperature must be ≥ 0 (0 = greedy), got {}",
+            opts.temperature
+        )));
+    }
+    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        return Err(Error::Invalid(format!(
+            "generate: top-p must be in (0, 1], got {}",
+            opts.top_p
+        )));
+    }
+    let context = model.config.max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(Error::Invalid(format!(
+            "generate: the prompt has {} tokens and the model's context is {context}: no room to generate",
+            prompt.len()
+        )));
+    }
     let mut rng = SplitMix64::new(opts.seed);
     let mut cache = model.new_cache();
     let mut out = Vec::new();

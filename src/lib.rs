@@ -1,10 +1,12 @@
 //! distill: knowledge distillation for Llama-family causal LMs on libtorch.
-//! The map of this crate is ../shared/DESIGN.md; each module has one idea.
+//! The map of this crate is docs/ARCHITECTURE.md; each module has one idea.
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fingerprint;
 pub mod generate;
 pub mod io;
 pub mod losses;
@@ -12,6 +14,7 @@ pub mod model;
 pub mod objective;
 pub mod report;
 pub mod student;
+pub mod teacher;
 pub mod train;
 
 pub use error::{Error, Result};

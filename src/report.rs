@@ -1,54 +1,10 @@
-//! What a run leaves for the user: `metrics.jsonl` (one JSON object per logged step and per
-//! evaluation), `loss.png` (training and validation curves) and `report.md`.
-use crate::io::{read_to_string, write_atomic};
+//! What a run leaves for the user, made from its records alone (`run.json` and the lines of
+//! `metrics.jsonl`, one JSON object per logged step, per evaluation and a closing summary):
+//! `loss.png` (training and validation curves) and `report.md`. Nothing here knows the trainer.
+use crate::io::read_to_string;
 use crate::{Error, Result};
 use serde_json::Value;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-/// Append-only metrics file; each line is flushed and fsynced as it is written.
-pub struct MetricsLog {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl MetricsLog {
-    /// Open for appending. With `keep_through = Some(step)` (a resumed run), lines of later steps —
-    /// written after the checkpoint by the run that died — are dropped first, so that no step
-    /// appears twice. With None the file starts empty.
-    pub fn open(path: &Path, keep_through: Option<usize>) -> Result<Self> {
-        let kept = match keep_through {
-            Some(step) if path.exists() => read_to_string(path)?
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(Value::as_u64))
-                        .is_some_and(|s| s as usize <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect::<String>(),
-            _ => String::new(),
-        };
-        write_atomic(path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        Ok(MetricsLog {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
-    pub fn write(&mut self, record: &Value) -> Result<()> {
-        let line = format!("{record}\n");
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| Error::io(&self.path, e))
-    }
-}
+use std::path::Path;
 
 /// Read every record of a metrics file.
 pub fn read_metrics(path: &Path) -> Result<Vec<Value>> {
@@ -135,93 +91,107 @@ pub fn plot_loss(metrics: &[Value], out: &Path) -> Result<()> {
     draw().map_err(|e| Error::Invalid(format!("{}: plotting failed: {e}", out.display())))
 }
 
-/// The run's summary as Markdown.
-pub fn markdown(
-    cfg: &crate::config::RunConfig,
-    run_file: Option<&Path>,
-    teacher: &crate::model::LoadedModel,
-    student: &crate::model::LoadedModel,
-    ds: &crate::data::Dataset,
-    s: &crate::train::TrainSummary,
-    (teacher_tps, student_tps): (f64, f64),
-) -> String {
-    let (tc, sc) = (&teacher.model.config, &student.model.config);
+/// The last record of `kind` ("eval", "summary"), or the eval at `step`.
+fn record<'a>(records: &'a [Value], kind: &str, step: Option<u64>) -> Option<&'a Value> {
+    records
+        .iter()
+        .rev()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some(kind))
+        .find(|r| step.is_none_or(|s| r.get("step").and_then(Value::as_u64) == Some(s)))
+}
+
+/// The run's summary as Markdown, from run.json (`info`) and the metric records of `dir`'s run.
+pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
+    let s = |v: &Value| match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "—".into(),
+        other => other.to_string(),
+    };
+    let f = |v: &Value, digits: usize| {
+        v.as_f64()
+            .map_or_else(|| "—".to_string(), |x| format!("{x:.digits$}"))
+    };
+    let (t, st) = (&info["teacher"], &info["student"]);
     let mut o = String::new();
     o += "# distill report\n\n";
-    if let Some(f) = run_file {
-        o += &format!("Run file: `{}`\n\n", f.display());
+    if let Some(r) = info["run_file"].as_str() {
+        o += &format!("Run file: `{r}`\n\n");
     }
     o += "## Models\n\n| | teacher | student |\n|---|---|---|\n";
-    o += &format!(
-        "| source | `{}` | {} |\n",
-        teacher.source.display(),
-        match &cfg.student {
-            crate::config::StudentInit::Path(p) => format!("`{}`", p.display()),
-            crate::config::StudentInit::FromTeacher { layers } =>
-                format!("teacher layers {layers:?}"),
-        }
-    );
+    o += &format!("| source | `{}` | {} |\n", s(&t["source"]), s(&st["source"]));
     o += &format!(
         "| parameters | {:.1}M | {:.1}M |\n",
-        tc.num_params() as f64 / 1e6,
-        sc.num_params() as f64 / 1e6
+        t["parameters"].as_f64().unwrap_or(0.0) / 1e6,
+        st["parameters"].as_f64().unwrap_or(0.0) / 1e6
     );
-    o += &format!(
-        "| layers | {} | {} |\n",
-        tc.num_hidden_layers, sc.num_hidden_layers
-    );
-    o += &format!("| forward speed (tokens/s, CPU) | {teacher_tps:.0} | {student_tps:.0} |\n\n");
-    o += "## Data and objective\n\n";
+    o += &format!("| layers | {} | {} |\n", s(&t["layers"]), s(&st["layers"]));
+    o += &format!("| compute dtype | {} | {} |\n", s(&t["dtype"]), s(&st["dtype"]));
+    if let Some(sum) = record(records, "summary", None) {
+        o += &format!(
+            "| forward speed (tokens/s, {}) | {} | {} |\n",
+            s(&info["device"]),
+            f(&sum["teacher_tokens_per_s"], 0),
+            f(&sum["student_tokens_per_s"], 0)
+        );
+    }
+    o += "\n## Data and objective\n\n";
+    let d = &info["data"];
     o += &format!(
         "- train: `{}` — {} sequences of {} tokens ({} target tokens)\n- validation: {} sequences\n",
-        cfg.data.train.display(),
-        ds.train.len(),
-        cfg.data.seq_len,
-        ds.train_tokens,
-        ds.validation.len()
+        s(&d["train"]),
+        s(&d["train_sequences"]),
+        s(&d["seq_len"]),
+        s(&d["train_tokens"]),
+        s(&d["validation_sequences"])
     );
-    let terms: Vec<String> = cfg
-        .losses
-        .iter()
-        .map(|l| format!("{} × {:?}", l.weight, l.kind))
-        .collect();
+    let terms: Vec<String> = info["objective"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
     o += &format!("- objective: {}\n", terms.join(" + "));
+    let op = &info["optim"];
     o += &format!(
-        "- AdamW lr {} ({:?} schedule, {} warm-up steps), micro-batch {} × accumulation {}, {} steps, seed {}\n\n",
-        cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.micro_batch, cfg.optim.grad_accum, s.steps, cfg.seed
+        "- AdamW lr {} ({} schedule, {} warm-up steps), micro-batch {} × accumulation {}, {} steps, seed {}\n\n",
+        s(&op["lr"]), s(&op["schedule"]), s(&op["warmup_steps"]), s(&op["micro_batch"]), s(&op["grad_accum"]),
+        s(&info["total_steps"]), s(&info["seed"])
     );
     o += "## Validation\n\n| | student ppl | teacher ppl | KL(teacher‖student)/token | top-1 agreement |\n|---|---|---|---|---|\n";
-    let row = |name: &str, m: &crate::eval::DistillMetrics| {
+    let row = |name: &str, m: &Value| {
         format!(
-            "| {name} | {:.3} | {:.3} | {:.4} | {:.3} |\n",
-            m.student_ppl, m.teacher_ppl, m.kl, m.top1
+            "| {name} | {} | {} | {} | {} |\n",
+            f(&m["student_ppl"], 3),
+            f(&m["teacher_ppl"], 3),
+            f(&m["kl"], 4),
+            f(&m["top1"], 3)
         )
     };
-    if let Some(b) = &s.before {
+    if let Some(b) = record(records, "eval", Some(0)) {
         o += &row("before", b);
     }
-    o += &row("after", &s.after);
-    o += &format!(
-        "\nSkipped steps (non-finite loss or gradient): {}. Wall time: {:.0} s.\n\n",
-        s.skipped_steps, s.seconds
-    );
+    if let Some(a) = record(records, "eval", None).filter(|r| r["step"].as_u64() != Some(0)) {
+        o += &row(&format!("after step {}", s(&a["step"])), a);
+    }
+    if let Some(sum) = record(records, "summary", None) {
+        o += &format!(
+            "\nSkipped steps (non-finite loss or gradient): {}. Wall time: {} s.\n\n",
+            s(&sum["skipped_steps"]),
+            f(&sum["seconds"], 0)
+        );
+    }
     o += "## Files\n\n";
-    for (f, what) in [
+    for (file, what) in [
         (
             "student/",
             "the distilled student (Hugging Face folder; `AutoModelForCausalLM.from_pretrained`)",
         ),
-        (
-            "metrics.jsonl",
-            "one line per logged step and per evaluation",
-        ),
+        ("metrics.jsonl", "one line per logged step and per evaluation"),
         ("loss.png", "training loss and validation KL"),
         (
             "checkpoints/",
             "resumable checkpoints (`distill train RUN --resume`)",
         ),
     ] {
-        o += &format!("- `{}` — {what}\n", s.output.join(f).display());
+        o += &format!("- `{}` — {what}\n", dir.join(file).display());
     }
     o
 }

@@ -1,10 +1,72 @@
 //! Building a student: loaded from a folder or GGUF, or made from the teacher by keeping some of its
 //! layers (embeddings, final norm, head and the listed decoder layers copied; layer `layers[k]` of
 //! the teacher becomes layer k of the student).
+use crate::config::{issue, Checked, Paths};
+use crate::device::Dtype;
 use crate::model::{self, hf, LoadedModel, Tokenizer};
 use crate::{Error, Result};
+use serde::Deserialize;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use tch::{nn, Device, Tensor};
+
+/// `[student]`: a model folder or file, or layers of the teacher; and the dtype it computes in.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentFile {
+    pub path: Option<PathBuf>,
+    pub from_teacher: Option<FromTeacher>,
+    /// "f32" (default), "bf16" or "f16": the compute dtype; weights and optimizer state stay f32
+    pub dtype: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromTeacher {
+    pub layers: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StudentInit {
+    Path(PathBuf),
+    FromTeacher { layers: Vec<usize> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudentConfig {
+    pub init: StudentInit,
+    pub dtype: Dtype,
+}
+
+impl StudentFile {
+    pub fn resolve(&self, paths: &Paths) -> Checked<StudentConfig> {
+        let init = match (&self.path, &self.from_teacher) {
+            (Some(p), None) => StudentInit::Path(paths.resolve(p)),
+            (None, Some(ft)) => {
+                if ft.layers.is_empty() {
+                    return Err(issue(
+                        "student.from_teacher.layers",
+                        "must list at least one layer",
+                    ));
+                }
+                StudentInit::FromTeacher {
+                    layers: ft.layers.clone(),
+                }
+            }
+            _ => {
+                return Err(issue(
+                    "student",
+                    "give exactly one of 'path' or 'from_teacher'",
+                ))
+            }
+        };
+        let dtype = match &self.dtype {
+            Some(d) => Dtype::parse(d).map_err(|m| issue("student.dtype", m))?,
+            None => Dtype::F32,
+        };
+        Ok(StudentConfig { init, dtype })
+    }
+}
 
 pub fn from_teacher_layers(
     teacher: &LoadedModel,

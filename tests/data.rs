@@ -1,5 +1,6 @@
 //! Data: which tokens are targets for each record kind, packing, and the deterministic order.
-use distill::config::{DataConfig, DataFormat, RunConfig};
+use distill::config::RunConfig;
+use distill::data::{DataConfig, DataFormat};
 use distill::data::{self, pack, pad_each, Example, Sampler};
 use distill::model::Tokenizer;
 use std::path::Path;
@@ -169,5 +170,5 @@ fn the_example_run_files_are_valid() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
     let c = RunConfig::load(&p, &["optim.lr=0.125".into(), "run.steps=7".into()]).unwrap();
     assert_eq!(c.optim.lr, 0.125);
-    assert_eq!(c.length, distill::config::Length::Steps(7));
+    assert_eq!(c.run.length, distill::train::options::Length::Steps(7));
 }

@@ -1084,7 +1084,7 @@ fn shape_errors_name_the_argument() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("'mask' has shape [3, 2], expected [2, 3]"),
+        e.contains("'weights' has shape [3, 2], expected [2, 3]"),
         "{e}"
     );
     let e = losses::tvd(&s, &s, 0.0, None).unwrap_err().to_string();

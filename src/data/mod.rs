@@ -1,18 +1,26 @@
 //! Training data: text files and JSONL records turned into fixed-length token sequences with labels.
 //! An `Example` is a token stream with a per-token flag "this token is a prediction target"; a
-//! `Sequence` is `seq_len` ids plus `labels[t]` = the next token when it is a target, else −100.
+//! `Sequence` is `seq_len` ids plus `labels[t]` = the next token when it is a target, else
+//! `IGNORE_INDEX`, and per-token weights; a `Batch` is the tensors of some sequences.
+pub mod batch;
+pub mod config;
 pub mod jsonl;
 pub mod packing;
 pub mod sampler;
 pub mod text;
 
-use crate::config::{DataConfig, DataFormat};
 use crate::model::Tokenizer;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
-pub use packing::{pack, pad_each, Sequence};
+pub use batch::Batch;
+pub use config::{DataConfig, DataFile, DataFormat};
+pub use packing::{pack, pad_each, Sequence, Span};
 pub use sampler::Sampler;
+
+/// The label of a position whose next token is not predicted (PyTorch's `ignore_index`): the one
+/// definition, used by the data, the losses and evaluation.
+pub const IGNORE_INDEX: i64 = -100;
 
 /// One document or conversation: ids and which of them are targets.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,11 +102,7 @@ pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Datas
     let pad = eos.unwrap_or(0);
     let train_ex = read_examples(&cfg.train, cfg.format, tok, eos, cfg.max_train_tokens)?;
     let mut train = to_sequences(&train_ex, cfg, pad);
-    let targets = |s: &[Sequence]| {
-        s.iter()
-            .map(|x| x.labels.iter().filter(|&&l| l >= 0).count())
-            .sum::<usize>()
-    };
+    let targets = |s: &[Sequence]| s.iter().map(Sequence::counted).sum::<usize>();
     if targets(&train) == 0 {
         return Err(Error::format(
             &cfg.train,
@@ -127,10 +131,7 @@ pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Datas
     if let Some(m) = cfg.max_validation_sequences {
         validation.truncate(m);
     }
-    let train_tokens = train
-        .iter()
-        .map(|s| s.labels.iter().filter(|&&l| l >= 0).count())
-        .sum();
+    let train_tokens = targets(&train);
     Ok(Dataset {
         train,
         validation,

@@ -1,29 +1,82 @@
 //! Cutting examples into fixed-length sequences. `labels[t]` is the id at t+1 when that token is a
-//! target, else −100 (never counted); the last position has no next token inside the sequence.
-use super::Example;
+//! target, else `IGNORE_INDEX` (never counted); the last position has no next token inside the
+//! sequence. `weights[t]` is 1 where `labels[t]` counts, 0 elsewhere (the default per-token weight;
+//! data selection and mixing may change it later). Each sequence records where its tokens came from
+//! (`spans`), so that a per-example store can find the row's documents and offsets again.
+use super::{Example, IGNORE_INDEX};
+
+/// Tokens [offset, offset + len) of example `example` (its index in the order the data was read)
+/// fill positions [at, at + len) of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Span {
+    pub example: usize,
+    pub offset: usize,
+    pub at: usize,
+    pub len: usize,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sequence {
     pub ids: Vec<u32>,
     pub labels: Vec<i64>,
+    pub weights: Vec<f32>,
+    pub spans: Vec<Span>,
+    /// the data source it was drawn from, when the run has several
+    pub domain: Option<u32>,
 }
 
-fn sequence(ids: &[u32], target: &[bool], len: usize, pad: u32) -> Sequence {
+impl Sequence {
+    /// Positions whose weight is not 0.
+    pub fn counted(&self) -> usize {
+        self.weights.iter().filter(|&&w| w != 0.0).count()
+    }
+}
+
+fn sequence(ids: &[u32], target: &[bool], len: usize, pad: u32, spans: Vec<Span>) -> Sequence {
     let mut out_ids = ids.to_vec();
     out_ids.resize(len, pad);
-    let labels = (0..len)
+    let labels: Vec<i64> = (0..len)
         .map(|t| {
             if t + 1 < ids.len() && target[t + 1] {
                 ids[t + 1] as i64
             } else {
-                -100
+                IGNORE_INDEX
             }
         })
+        .collect();
+    let weights = labels
+        .iter()
+        .map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 })
         .collect();
     Sequence {
         ids: out_ids,
         labels,
+        weights,
+        spans,
+        domain: None,
     }
+}
+
+/// The spans of stream positions [start, end) when the examples' lengths are `lens`.
+fn spans_of(lens: &[usize], start: usize, end: usize) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut base = 0;
+    for (example, &n) in lens.iter().enumerate() {
+        let (lo, hi) = (start.max(base), end.min(base + n));
+        if lo < hi {
+            out.push(Span {
+                example,
+                offset: lo - base,
+                at: lo - start,
+                len: hi - lo,
+            });
+        }
+        base += n;
+        if base >= end {
+            break;
+        }
+    }
+    out
 }
 
 /// Concatenate every example into one stream and cut it into sequences of `len` (the last one
@@ -37,10 +90,12 @@ pub fn pack(examples: &[Example], len: usize, pad: u32) -> Vec<Sequence> {
         .iter()
         .flat_map(|e| e.target.iter().copied())
         .collect();
+    let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     ids.chunks(len)
         .zip(target.chunks(len))
-        .filter(|(c, _)| c.len() >= 2)
-        .map(|(c, t)| sequence(c, t, len, pad))
+        .enumerate()
+        .filter(|(_, (c, _))| c.len() >= 2)
+        .map(|(i, (c, t))| sequence(c, t, len, pad, spans_of(&lens, i * len, i * len + c.len())))
         .collect()
 }
 
@@ -48,10 +103,17 @@ pub fn pack(examples: &[Example], len: usize, pad: u32) -> Vec<Sequence> {
 pub fn pad_each(examples: &[Example], len: usize, pad: u32) -> Vec<Sequence> {
     examples
         .iter()
-        .filter(|e| e.ids.len() >= 2)
-        .map(|e| {
+        .enumerate()
+        .filter(|(_, e)| e.ids.len() >= 2)
+        .map(|(i, e)| {
             let n = e.ids.len().min(len);
-            sequence(&e.ids[..n], &e.target[..n], len, pad)
+            let span = Span {
+                example: i,
+                offset: 0,
+                at: 0,
+                len: n,
+            };
+            sequence(&e.ids[..n], &e.target[..n], len, pad, vec![span])
         })
         .collect()
 }

@@ -42,9 +42,17 @@ impl Sampler {
         }
     }
 
-    pub fn restore(&mut self, state: SamplerState) {
+    /// Continue from a checkpoint's position; a cursor beyond the data is refused.
+    pub fn restore(&mut self, state: SamplerState) -> Result<(), String> {
+        if state.cursor > self.n {
+            return Err(format!(
+                "the data position {} lies beyond the {} training sequences",
+                state.cursor, self.n
+            ));
+        }
         self.order = permutation(self.n, self.seed, state.epoch);
         self.state = state;
+        Ok(())
     }
 
     /// The next `k` sequence indices, crossing into the next epoch when needed.
@@ -61,22 +69,4 @@ impl Sampler {
         }
         out
     }
-}
-
-/// (ids, labels) tensors (B, T) of a group of sequences.
-pub fn batch_tensors(group: &[super::Sequence]) -> crate::Result<(tch::Tensor, tch::Tensor)> {
-    let t = group[0].ids.len() as i64;
-    let ids: Vec<i64> = group
-        .iter()
-        .flat_map(|s| s.ids.iter().map(|&x| x as i64))
-        .collect();
-    let labels: Vec<i64> = group
-        .iter()
-        .flat_map(|s| s.labels.iter().copied())
-        .collect();
-    let b = group.len() as i64;
-    Ok((
-        tch::Tensor::f_from_slice(&ids)?.f_view([b, t])?,
-        tch::Tensor::f_from_slice(&labels)?.f_view([b, t])?,
-    ))
 }

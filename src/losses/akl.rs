@@ -10,6 +10,7 @@
 use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 /// 1 where a vocabulary entry is in the teacher's head (shape of `p`).
 pub fn head_mask(p: &Tensor, mu: f64) -> Result<Tensor> {
@@ -50,11 +51,54 @@ pub fn adaptive_kl(
     t: &Tensor,
     mu: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     masked_mean(
         "adaptive_kl",
         &adaptive_kl_per_pos(s, t, mu, temperature)?,
-        mask,
+        weights,
     )
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const ADAPTIVE_KL: LossSpec = LossSpec {
+    name: "adaptive_kl",
+    summary: "(g_head·KL(p‖q) + g_tail·KL(q‖p)) / (g_head + g_tail), head = teacher mass up to μ",
+    params: &[
+        TEMPERATURE,
+        ParamSpec {
+            name: "mu",
+            default: 0.5,
+            range: Range::UnitOpen,
+            doc: "the teacher's cumulative mass that makes the head",
+        },
+    ],
+    build: |p, _| {
+        Ok(Box::new(AdaptiveKl {
+            mu: p.get("mu"),
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct AdaptiveKl {
+    mu: f64,
+    temperature: f64,
+}
+
+impl Loss for AdaptiveKl {
+    fn spec(&self) -> &'static LossSpec {
+        &ADAPTIVE_KL
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        adaptive_kl(
+            x.student,
+            x.teacher("adaptive_kl")?,
+            self.mu,
+            self.temperature,
+            Some(x.weights),
+        )
+    }
 }

@@ -5,13 +5,14 @@
 //! as PyTorch's `ignore_index`). `labels` has the leading shape and holds the target id of each
 //! position (already shifted by the caller). T² keeps the soft term's gradient scale independent of T.
 use super::{
-    check_pair, check_temperature, check_unit, kl::forward_kl_per_pos, lead_shape, mask_bool,
-    masked_mean,
+    check_pair, check_temperature, check_unit, kl::forward_kl_per_pos, lead_shape, masked_mean,
+    weights_of,
 };
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::data::IGNORE_INDEX;
 
 /// Cross-entropy −log q(label) per position (T = 1), shape `[...]`, 0 where the label is −100.
 pub fn cross_entropy_per_pos(s: &Tensor, labels: &Tensor) -> Result<Tensor> {
@@ -45,13 +46,23 @@ pub fn cross_entropy_per_pos(s: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(nll.f_masked_fill(&ignored, 0.0)?)
 }
 
-/// CE(labels, softmax(s)), mean over counted positions whose label is not −100.
-pub fn cross_entropy(s: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+/// CE(labels, softmax(s)), weighted mean over the positions whose label is not −100.
+pub fn cross_entropy(s: &Tensor, labels: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     let nll = cross_entropy_per_pos(s, labels)?;
-    let lead = lead_shape(s);
-    let keep = mask_bool("cross_entropy", mask, &lead, s)?
-        .f_logical_and(&labels.f_ne(IGNORE_INDEX)?.f_to_device(s.device())?)?;
+    let keep = labelled_weights("cross_entropy", s, labels, weights)?;
     masked_mean("cross_entropy", &nll, Some(&keep))
+}
+
+/// The weights with 0 where the label is the ignore index (labels of the leading shape).
+pub(crate) fn labelled_weights(
+    name: &str,
+    s: &Tensor,
+    labels: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let w = weights_of(name, weights, &lead_shape(s), s)?;
+    let labelled = labels.f_ne(IGNORE_INDEX)?.f_to_device(s.device())?;
+    Ok(w.f_mul(&labelled.f_to_kind(w.kind())?)?)
 }
 
 pub fn hinton(
@@ -60,14 +71,80 @@ pub fn hinton(
     labels: &Tensor,
     alpha: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     check_pair("hinton", s, t)?;
     check_temperature("hinton", temperature)?;
     check_unit("hinton", "alpha", alpha)?;
-    let soft = masked_mean("hinton", &forward_kl_per_pos(s, t, temperature)?, mask)?;
-    let hard = cross_entropy(s, labels, mask)?;
+    let soft = masked_mean("hinton", &forward_kl_per_pos(s, t, temperature)?, weights)?;
+    let hard = cross_entropy(s, labels, weights)?;
     Ok(soft
         .f_mul_scalar(alpha * temperature * temperature)?
         .f_add(&hard.f_mul_scalar(1.0 - alpha)?)?)
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const CROSS_ENTROPY: LossSpec = LossSpec {
+    name: "cross_entropy",
+    summary: "−log q_1(label), the hard-label loss (no teacher)",
+    params: &[],
+    build: |_, _| Ok(Box::new(CrossEntropy)),
+};
+
+pub const HINTON: LossSpec = LossSpec {
+    name: "hinton",
+    summary: "α·T²·KL(p_T‖q_T) + (1−α)·CE(labels, q_1)",
+    params: &[
+        TEMPERATURE,
+        ParamSpec {
+            name: "alpha",
+            default: 0.5,
+            range: Range::Unit,
+            doc: "the soft term's share",
+        },
+    ],
+    build: |p, _| {
+        Ok(Box::new(Hinton {
+            alpha: p.get("alpha"),
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct CrossEntropy;
+
+impl Loss for CrossEntropy {
+    fn spec(&self) -> &'static LossSpec {
+        &CROSS_ENTROPY
+    }
+    fn needs_teacher(&self) -> bool {
+        false
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        cross_entropy(x.student, x.labels, Some(x.weights))
+    }
+}
+
+#[derive(Debug)]
+struct Hinton {
+    alpha: f64,
+    temperature: f64,
+}
+
+impl Loss for Hinton {
+    fn spec(&self) -> &'static LossSpec {
+        &HINTON
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        hinton(
+            x.student,
+            x.teacher("hinton")?,
+            x.labels,
+            self.alpha,
+            self.temperature,
+            Some(x.weights),
+        )
+    }
 }

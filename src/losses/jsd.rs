@@ -7,6 +7,7 @@
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture, Dist};
 use crate::Result;
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 /// JSD(β) per position, shape `[...]`.
 pub fn jsd_per_pos(s: &Tensor, t: &Tensor, beta: f64, temperature: f64) -> Result<Tensor> {
@@ -28,7 +29,49 @@ pub fn jsd(
     t: &Tensor,
     beta: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("jsd", &jsd_per_pos(s, t, beta, temperature)?, mask)
+    masked_mean("jsd", &jsd_per_pos(s, t, beta, temperature)?, weights)
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const BETA: ParamSpec = ParamSpec {
+    name: "beta",
+    default: 0.5,
+    range: Range::Unit,
+    doc: "the teacher's share of the mixture M = β·p + (1−β)·q",
+};
+
+pub const JSD: LossSpec = LossSpec {
+    name: "jsd",
+    summary: "β·KL(p‖M) + (1−β)·KL(q‖M), M = β·p + (1−β)·q",
+    params: &[TEMPERATURE, BETA],
+    build: |p, _| {
+        Ok(Box::new(Jsd {
+            beta: p.get("beta"),
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct Jsd {
+    beta: f64,
+    temperature: f64,
+}
+
+impl Loss for Jsd {
+    fn spec(&self) -> &'static LossSpec {
+        &JSD
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        jsd(
+            x.student,
+            x.teacher("jsd")?,
+            self.beta,
+            self.temperature,
+            Some(x.weights),
+        )
+    }
 }

@@ -8,6 +8,7 @@
 use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::Result;
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 
 /// KL(p‖q) per position, shape `[...]`.
 pub fn forward_kl_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
@@ -26,9 +27,9 @@ pub fn forward_kl(
     s: &Tensor,
     t: &Tensor,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("forward_kl", &forward_kl_per_pos(s, t, temperature)?, mask)
+    masked_mean("forward_kl", &forward_kl_per_pos(s, t, temperature)?, weights)
 }
 
 /// KL(q‖p), mean over counted positions.
@@ -36,7 +37,59 @@ pub fn reverse_kl(
     s: &Tensor,
     t: &Tensor,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("reverse_kl", &reverse_kl_per_pos(s, t, temperature)?, mask)
+    masked_mean("reverse_kl", &reverse_kl_per_pos(s, t, temperature)?, weights)
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const FORWARD_KL: LossSpec = LossSpec {
+    name: "forward_kl",
+    summary: "KL(p‖q) = Σ p·(log p − log q), p = softmax(t/T), q = softmax(s/T)",
+    params: &[TEMPERATURE],
+    build: |p, _| {
+        Ok(Box::new(ForwardKl {
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+pub const REVERSE_KL: LossSpec = LossSpec {
+    name: "reverse_kl",
+    summary: "KL(q‖p) = Σ q·(log q − log p)",
+    params: &[TEMPERATURE],
+    build: |p, _| {
+        Ok(Box::new(ReverseKl {
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct ForwardKl {
+    temperature: f64,
+}
+
+impl Loss for ForwardKl {
+    fn spec(&self) -> &'static LossSpec {
+        &FORWARD_KL
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        forward_kl(x.student, x.teacher("forward_kl")?, self.temperature, Some(x.weights))
+    }
+}
+
+#[derive(Debug)]
+struct ReverseKl {
+    temperature: f64,
+}
+
+impl Loss for ReverseKl {
+    fn spec(&self) -> &'static LossSpec {
+        &REVERSE_KL
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        reverse_kl(x.student, x.teacher("reverse_kl")?, self.temperature, Some(x.weights))
+    }
 }

@@ -1,10 +1,10 @@
 //! Distillation losses: one file per divergence or method, each opening with its formula and source.
 //!
 //! Conventions (DESIGN.md §3): `s` = student logits, `t` = teacher logits, both `[..., V]` of one
-//! shape; `mask` has the leading shape `[...]`, nonzero where a position counts, `None` = all. The
-//! temperature `T` divides both logits before the softmax; `p` = softmax(t/T) (teacher), `q` =
-//! softmax(s/T) (student). Each loss returns a scalar: the mean over counted positions (0 when none
-//! counts). Values are divergences (≥ 0, 0 iff equal), never the cross-entropy form.
+//! shape; `weights` has the leading shape `[...]`: a per-token weight ≥ 0 (0 where a position does
+//! not count; a boolean mask is the 0/1 case), `None` = all 1. The temperature `T` divides both
+//! logits before the softmax; `p` = softmax(t/T) (teacher), `q` = softmax(s/T) (student). Each loss
+//! returns a scalar: the weighted mean Σ w·loss / Σ w over positions (0 when Σ w = 0). Values are divergences (≥ 0, 0 iff equal), never the cross-entropy form.
 //! Computation is in f32 (f64 when the inputs are f64), in log-sum-exp form (`log_softmax`), and the
 //! teacher is a constant: only the student receives a gradient.
 //!
@@ -16,6 +16,7 @@ pub mod hinton;
 pub mod jsd;
 pub mod kl;
 pub mod pld;
+pub mod registry;
 pub mod sinkhorn;
 pub mod skew;
 pub mod taid;
@@ -27,6 +28,7 @@ pub use hinton::hinton;
 pub use jsd::jsd;
 pub use kl::{forward_kl, reverse_kl};
 pub use pld::pld;
+pub use registry::{Loss, LossInput, LossSpec, REGISTRY};
 pub use sinkhorn::sinkhorn;
 pub use skew::{skew_kl, skew_reverse_kl};
 pub use taid::Taid;
@@ -87,36 +89,42 @@ pub(crate) fn check_unit(name: &str, arg: &str, x: f64) -> Result<()> {
     Ok(())
 }
 
-/// The mask as a boolean tensor of the leading shape (all true when None).
-pub(crate) fn mask_bool(
+/// Per-token weights as a float tensor of the leading shape `lead`, in `like`'s compute kind (all
+/// ones when None). A boolean mask is the 0/1 case. Weights must be ≥ 0 (not checked here: that
+/// would cost a host synchronisation per call; `data::Batch` makes them).
+pub(crate) fn weights_of(
     name: &str,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
     lead: &[i64],
     like: &Tensor,
 ) -> Result<Tensor> {
-    match mask {
-        None => Ok(Tensor::f_ones(lead, (Kind::Bool, like.device()))?),
-        Some(m) => {
-            if m.size() != lead {
+    let kind = compute_kind(like);
+    match weights {
+        None => Ok(Tensor::f_ones(lead, (kind, like.device()))?),
+        Some(w) => {
+            if w.size() != lead {
                 return Err(Error::Shape(format!(
-                    "{name}: 'mask' has shape {:?}, expected {:?} (the logits' leading shape)",
-                    m.size(),
+                    "{name}: 'weights' has shape {:?}, expected {:?} (the logits' leading shape)",
+                    w.size(),
                     lead
                 )));
             }
-            Ok(m.f_ne(0)?.f_to_device(like.device())?)
+            Ok(w.f_to_kind(kind)?.f_to_device(like.device())?)
         }
     }
 }
 
-/// Mean of `per_pos` (leading shape) over the positions where `mask` is nonzero; 0 when none is.
-/// Uninteresting positions are selected away (`where`), so their values cannot leak in.
-pub(crate) fn masked_mean(name: &str, per_pos: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let m = mask_bool(name, mask, &per_pos.size(), per_pos)?;
+/// Weighted mean Σ w·x / Σ w of `per_pos` (leading shape); 0 when Σ w = 0. Positions of weight 0
+/// are selected away (`where`) before the product, so a non-finite value there cannot leak in
+/// (0·NaN). At 0/1 weights this is the masked mean over the counted positions, bit for bit.
+pub(crate) fn masked_mean(name: &str, per_pos: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    let w = weights_of(name, weights, &per_pos.size(), per_pos)?.f_to_kind(per_pos.kind())?;
     let zero = Tensor::f_zeros([], (per_pos.kind(), per_pos.device()))?;
-    let kept = per_pos.f_where_self(&m, &zero)?;
-    let count = m.f_sum(per_pos.kind())?.f_clamp_min(1.0)?;
-    Ok(kept.f_sum(per_pos.kind())?.f_div(&count)?)
+    let kept = per_pos.f_where_self(&w.f_ne(0.0)?, &zero)?.f_mul(&w)?;
+    let total = w.f_sum(per_pos.kind())?;
+    let one = Tensor::f_ones([], (per_pos.kind(), per_pos.device()))?;
+    let denom = total.f_where_self(&total.f_gt(0.0)?, &one)?;
+    Ok(kept.f_sum(per_pos.kind())?.f_div(&denom)?)
 }
 
 /// One distribution over the vocabulary in a form safe for every divergence: `logp` with the

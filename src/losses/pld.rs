@@ -5,10 +5,12 @@
 //! a weighted sum of Plackett-Luce choice losses of the teacher-optimal ranking under the student's
 //! scores; mean over counted positions (label −100 never counts). As τ → 0 with the teacher's argmax
 //! at the label, a → one-hot on π*_1 and L → cross-entropy on the true label.
-use super::hinton::IGNORE_INDEX;
-use super::{check_pair, compute_kind, lead_shape, mask_bool, masked_mean};
+use super::hinton::labelled_weights;
+use super::{check_pair, compute_kind, lead_shape, masked_mean};
+use crate::data::IGNORE_INDEX;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 
 /// Σ_k w_k·(logsumexp_{l≥k} x_l − x_k) over the last dim of scores already in ranked order.
 /// The scan and the weighted sum run in f64 (a long f32 scan over a 50k vocabulary drifts past the
@@ -64,10 +66,37 @@ pub fn pld(
     t: &Tensor,
     labels: &Tensor,
     tau: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     let per = pld_per_pos(s, t, labels, tau)?;
-    let keep = mask_bool("pld", mask, &lead_shape(s), s)?
-        .f_logical_and(&labels.f_ne(IGNORE_INDEX)?.f_to_device(s.device())?)?;
+    let keep = labelled_weights("pld", s, labels, weights)?;
     masked_mean("pld", &per, Some(&keep))
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const PLD: LossSpec = LossSpec {
+    name: "pld",
+    summary: "Σ_k softmax(t/τ)[π*_k]·(logsumexp_{l≥k} s_{π*_l} − s_{π*_k}), π* = label, then by teacher",
+    params: &[ParamSpec {
+        name: "tau",
+        default: 1.0,
+        range: Range::Positive,
+        doc: "the temperature of the teacher's confidence weights",
+    }],
+    build: |p, _| Ok(Box::new(Pld { tau: p.get("tau") })),
+};
+
+#[derive(Debug)]
+struct Pld {
+    tau: f64,
+}
+
+impl Loss for Pld {
+    fn spec(&self) -> &'static LossSpec {
+        &PLD
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        pld(x.student, x.teacher("pld")?, x.labels, self.tau, Some(x.weights))
+    }
 }

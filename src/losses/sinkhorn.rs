@@ -8,6 +8,7 @@
 use super::{check_pair, check_temperature, compute_kind};
 use crate::{Error, Result};
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 /// The transport plan after `iters` alternating normalisations of exp(−W/ε): step 0 normalises rows
 /// (each row sums to 1), step 1 columns, and so on.
@@ -59,4 +60,66 @@ pub fn sinkhorn(
     let p = sinkhorn_plan(&w, epsilon, iters)?;
     let kind = w.kind();
     Ok(p.f_mul(&w)?.f_sum(kind)?)
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+/// As a run-file kind: the rows are the positions of the micro-batch that count (weight > 0), each
+/// a distribution over the vocabulary; the transport plan couples the student's rows with the
+/// teacher's. Fractional weights select rows (weight > 0) but do not weigh them. The loss spans the
+/// micro-batch, so the objective is then computed over whole micro-batches (no chunking).
+pub const SINKHORN: LossSpec = LossSpec {
+    name: "sinkhorn",
+    summary: "Σ_ij P_ij·W_ij, W = L1 cost between student and teacher rows, P = Sinkhorn plan",
+    params: &[
+        TEMPERATURE,
+        ParamSpec {
+            name: "epsilon",
+            default: 0.1,
+            range: Range::Positive,
+            doc: "the entropic regularisation",
+        },
+        ParamSpec {
+            name: "iters",
+            default: 20.0,
+            range: Range::Count,
+            doc: "Sinkhorn normalisations",
+        },
+    ],
+    build: |p, _| {
+        Ok(Box::new(Sinkhorn {
+            temperature: p.get("temperature"),
+            epsilon: p.get("epsilon"),
+            iters: p.count("iters"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct Sinkhorn {
+    temperature: f64,
+    epsilon: f64,
+    iters: usize,
+}
+
+impl Loss for Sinkhorn {
+    fn spec(&self) -> &'static LossSpec {
+        &SINKHORN
+    }
+    fn per_position(&self) -> bool {
+        false
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        let t = x.teacher("sinkhorn")?;
+        let v = *x.student.size().last().unwrap_or(&0);
+        let rows = |m: &Tensor| -> Result<Tensor> {
+            let counted = x.weights.f_gt(0.0)?.f_flatten(0, -1)?.f_nonzero()?.f_squeeze_dim(1)?;
+            Ok(m.f_reshape([-1, v])?.f_index_select(0, &counted)?)
+        };
+        let (s, t) = (rows(x.student)?, rows(t)?);
+        if s.size()[0] == 0 {
+            return Ok(Tensor::f_zeros([], (super::compute_kind(x.student), x.student.device()))?);
+        }
+        sinkhorn(&s, &t, self.temperature, self.epsilon, self.iters)
+    }
 }

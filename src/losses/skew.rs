@@ -6,6 +6,7 @@
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture};
 use crate::Result;
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 pub fn skew_kl_per_pos(s: &Tensor, t: &Tensor, alpha: f64, temperature: f64) -> Result<Tensor> {
     check_unit("skew_kl", "alpha", alpha)?;
@@ -29,9 +30,9 @@ pub fn skew_kl(
     t: &Tensor,
     alpha: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("skew_kl", &skew_kl_per_pos(s, t, alpha, temperature)?, mask)
+    masked_mean("skew_kl", &skew_kl_per_pos(s, t, alpha, temperature)?, weights)
 }
 
 pub fn skew_reverse_kl(
@@ -39,11 +40,73 @@ pub fn skew_reverse_kl(
     t: &Tensor,
     alpha: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     masked_mean(
         "skew_reverse_kl",
         &skew_reverse_kl_per_pos(s, t, alpha, temperature)?,
-        mask,
+        weights,
     )
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+const ALPHA: ParamSpec = ParamSpec {
+    name: "alpha",
+    default: 0.1,
+    range: Range::Unit,
+    doc: "the skew: the first distribution's share of the mixture",
+};
+
+pub const SKEW_KL: LossSpec = LossSpec {
+    name: "skew_kl",
+    summary: "KL(p ‖ α·p + (1−α)·q)",
+    params: &[TEMPERATURE, ALPHA],
+    build: |p, _| {
+        Ok(Box::new(Skew {
+            reverse: false,
+            alpha: p.get("alpha"),
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+pub const SKEW_REVERSE_KL: LossSpec = LossSpec {
+    name: "skew_reverse_kl",
+    summary: "KL(q ‖ α·q + (1−α)·p)",
+    params: &[TEMPERATURE, ALPHA],
+    build: |p, _| {
+        Ok(Box::new(Skew {
+            reverse: true,
+            alpha: p.get("alpha"),
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct Skew {
+    reverse: bool,
+    alpha: f64,
+    temperature: f64,
+}
+
+impl Loss for Skew {
+    fn spec(&self) -> &'static LossSpec {
+        if self.reverse {
+            &SKEW_REVERSE_KL
+        } else {
+            &SKEW_KL
+        }
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        let f = if self.reverse { skew_reverse_kl } else { skew_kl };
+        f(
+            x.student,
+            x.teacher(self.spec().name)?,
+            self.alpha,
+            self.temperature,
+            Some(x.weights),
+        )
+    }
 }

@@ -9,6 +9,7 @@
 use super::{check_pair, check_unit, distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 
 /// What a checkpoint must hold to continue λ's schedule exactly.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -97,8 +98,8 @@ impl Taid {
         kl_per_pos(&p, &q)
     }
 
-    pub fn loss(&self, s: &Tensor, t: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        masked_mean("taid", &self.loss_per_pos(s, t)?, mask)
+    pub fn loss(&self, s: &Tensor, t: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+        masked_mean("taid", &self.loss_per_pos(s, t)?, weights)
     }
 
     /// Advance λ after a step whose loss was `loss_value`; `step` counts from 1.
@@ -124,5 +125,70 @@ impl Taid {
 
     pub fn restore(&mut self, state: TaidState) {
         self.state = state;
+    }
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const TAID: LossSpec = LossSpec {
+    name: "taid",
+    summary: "KL(p_λ‖q), p_λ = softmax((1−λ)·sg(s) + λ·t), λ adapted each step",
+    params: &[
+        ParamSpec {
+            name: "t_start",
+            default: 0.4,
+            range: Range::Unit,
+            doc: "λ at the start",
+        },
+        ParamSpec {
+            name: "t_end",
+            default: 1.0,
+            range: Range::Unit,
+            doc: "λ's ceiling",
+        },
+        ParamSpec {
+            name: "alpha",
+            default: 5e-4,
+            range: Range::NonNegative,
+            doc: "the adaptive step size",
+        },
+        ParamSpec {
+            name: "beta",
+            default: 0.99,
+            range: Range::Unit,
+            doc: "the momentum of the relative loss change",
+        },
+    ],
+    build: |p, ctx| {
+        Ok(Box::new(Taid::new(
+            p.get("t_start"),
+            p.get("t_end"),
+            p.get("alpha"),
+            p.get("beta"),
+            ctx.total_steps,
+        )?))
+    },
+};
+
+impl Loss for Taid {
+    fn spec(&self) -> &'static LossSpec {
+        &TAID
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        self.loss(x.student, x.teacher("taid")?, Some(x.weights))
+    }
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(serde_json::to_value(self.state).expect("TaidState serialises"))
+    }
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.state = serde_json::from_value(state.clone())
+            .map_err(|e| Error::Invalid(format!("taid: checkpoint state: {e}")))?;
+        Ok(())
+    }
+    fn after_step(&mut self, value: f64, step: usize) {
+        self.update(value, step);
+    }
+    fn log_value(&self) -> Option<(&'static str, f64)> {
+        Some(("taid_lambda", self.lambda()))
     }
 }

@@ -12,9 +12,10 @@
 //! H(x) = −Σ x log x; p = softmax(t/T), q = softmax(s/T) (T = 1 by default).
 use super::jsd::jsd_of;
 use super::pld::plackett_luce_suffix;
-use super::{check_pair, check_temperature, distributions, mask_bool, masked_mean};
+use super::{check_pair, check_temperature, distributions, masked_mean, weights_of};
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenSelectiveConfig {
@@ -55,13 +56,13 @@ pub fn weighted_jsd(
     t: &Tensor,
     beta: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     super::check_unit("token_selective", "beta", beta)?;
     // one pair of distributions serves the weight and the divergence
     let (q, p) = super::checked_distributions("token_selective", s, t, temperature)?;
     let w = entropy(&q)?.f_sub(&entropy(&p)?)?.f_sigmoid()?.f_detach()?;
-    masked_mean("token_selective", &w.f_mul(&jsd_of(&q, &p, beta)?)?, mask)
+    masked_mean("token_selective", &w.f_mul(&jsd_of(&q, &p, beta)?)?, weights)
 }
 
 /// Part 2: mean H(q) over counted tokens with H(q) ≥ the `quantile` of H(q) over counted tokens.
@@ -69,24 +70,26 @@ pub fn entropy_term(
     s: &Tensor,
     quantile: f64,
     temperature: f64,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     super::check_unit("token_selective", "entropy_quantile", quantile)?;
     check_temperature("token_selective", temperature)?;
     let (q, _) = distributions(s, &s.f_detach()?, temperature)?;
     let h = entropy(&q)?;
-    let counted = mask_bool("token_selective", mask, &h.size(), s)?;
+    let w = weights_of("token_selective", weights, &h.size(), &h)?;
+    let counted = w.f_ne(0.0)?;
     let values = h.f_detach()?.f_masked_select(&counted)?;
     if values.numel() == 0 {
-        return masked_mean("token_selective", &h, Some(&counted));
+        return masked_mean("token_selective", &h, Some(&w));
     }
+    // the quantile is over the counted tokens (weight > 0), unweighted; the mean is weighted
     let threshold = values.f_quantile_scalar(quantile, None::<i64>, false, "linear")?;
-    let keep = counted.f_logical_and(&h.f_detach()?.f_ge_tensor(&threshold)?)?;
-    masked_mean("token_selective", &h, Some(&keep))
+    let keep = h.f_detach()?.f_ge_tensor(&threshold)?;
+    masked_mean("token_selective", &h, Some(&w.f_mul(&keep.f_to_kind(w.kind())?)?))
 }
 
 /// Part 3: Plackett-Luce NLL of the teacher's order of the student's top-K candidates.
-pub fn ranking_term(s: &Tensor, t: &Tensor, top_k: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn ranking_term(s: &Tensor, t: &Tensor, top_k: usize, weights: Option<&Tensor>) -> Result<Tensor> {
     check_pair("token_selective", s, t)?;
     if top_k == 0 {
         return Err(Error::Invalid(
@@ -102,7 +105,7 @@ pub fn ranking_term(s: &Tensor, t: &Tensor, top_k: usize, mask: Option<&Tensor>)
     let ranked = s.f_gather(-1, &cand.f_gather(-1, &order, false)?, false)?;
     let ones = Tensor::f_ones_like(&ranked)?;
     let per = plackett_luce_suffix(&ranked, &ones)?;
-    masked_mean("token_selective", &per, mask)
+    masked_mean("token_selective", &per, weights)
 }
 
 /// The weighted sum of the three parts.
@@ -110,26 +113,99 @@ pub fn token_selective(
     s: &Tensor,
     t: &Tensor,
     cfg: &TokenSelectiveConfig,
-    mask: Option<&Tensor>,
+    weights: Option<&Tensor>,
 ) -> Result<Tensor> {
     let mut total = Tensor::f_zeros([], (super::compute_kind(s), s.device()))?;
     if cfg.w_jsd != 0.0 {
         total = total.f_add(
-            &weighted_jsd(s, t, cfg.beta, cfg.temperature, mask)?.f_mul_scalar(cfg.w_jsd)?,
+            &weighted_jsd(s, t, cfg.beta, cfg.temperature, weights)?.f_mul_scalar(cfg.w_jsd)?,
         )?;
     }
     if cfg.w_entropy != 0.0 {
         total = total.f_add(
-            &entropy_term(s, cfg.entropy_quantile, cfg.temperature, mask)?
+            &entropy_term(s, cfg.entropy_quantile, cfg.temperature, weights)?
                 .f_mul_scalar(cfg.w_entropy)?,
         )?;
     }
     if cfg.w_rank != 0.0 {
-        total = total.f_add(&ranking_term(s, t, cfg.top_k, mask)?.f_mul_scalar(cfg.w_rank)?)?;
+        total = total.f_add(&ranking_term(s, t, cfg.top_k, weights)?.f_mul_scalar(cfg.w_rank)?)?;
     }
     Ok(total.f_to_kind(if s.kind() == Kind::Double {
         Kind::Double
     } else {
         Kind::Float
     })?)
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const TOKEN_SELECTIVE: LossSpec = LossSpec {
+    name: "token_selective",
+    summary: "w_jsd·weighted JSD(β) + w_entropy·selective H(q) + w_rank·Plackett-Luce top-K",
+    params: &[
+        TEMPERATURE,
+        ParamSpec {
+            name: "beta",
+            default: 0.9,
+            range: Range::Unit,
+            doc: "JSD's β",
+        },
+        ParamSpec {
+            name: "top_k",
+            default: 10.0,
+            range: Range::Count,
+            doc: "the student's candidates ranked by the teacher",
+        },
+        ParamSpec {
+            name: "entropy_quantile",
+            default: 0.1,
+            range: Range::Unit,
+            doc: "tokens with H(q) at or above this quantile enter the entropy term",
+        },
+        ParamSpec {
+            name: "w_jsd",
+            default: 1.0,
+            range: Range::NonNegative,
+            doc: "weight of part 1",
+        },
+        ParamSpec {
+            name: "w_entropy",
+            default: 1.0,
+            range: Range::NonNegative,
+            doc: "weight of part 2",
+        },
+        ParamSpec {
+            name: "w_rank",
+            default: 0.1,
+            range: Range::NonNegative,
+            doc: "weight of part 3",
+        },
+    ],
+    build: |p, _| {
+        Ok(Box::new(TokenSelective(TokenSelectiveConfig {
+            beta: p.get("beta"),
+            entropy_quantile: p.get("entropy_quantile"),
+            top_k: p.count("top_k"),
+            temperature: p.get("temperature"),
+            w_jsd: p.get("w_jsd"),
+            w_entropy: p.get("w_entropy"),
+            w_rank: p.get("w_rank"),
+        })))
+    },
+};
+
+#[derive(Debug)]
+struct TokenSelective(TokenSelectiveConfig);
+
+impl Loss for TokenSelective {
+    fn spec(&self) -> &'static LossSpec {
+        &TOKEN_SELECTIVE
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        token_selective(x.student, x.teacher("token_selective")?, &self.0, Some(x.weights))
+    }
+    /// The entropy quantile spans every counted position of the micro-batch.
+    fn per_position(&self) -> bool {
+        false
+    }
 }

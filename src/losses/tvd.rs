@@ -3,6 +3,7 @@
 use super::{checked_distributions, masked_mean};
 use crate::Result;
 use tch::Tensor;
+use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 
 pub fn tvd_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
     let (q, p) = checked_distributions("tvd", s, t, temperature)?;
@@ -14,6 +15,33 @@ pub fn tvd_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
         .f_mul_scalar(0.5)?)
 }
 
-pub fn tvd(s: &Tensor, t: &Tensor, temperature: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    masked_mean("tvd", &tvd_per_pos(s, t, temperature)?, mask)
+pub fn tvd(s: &Tensor, t: &Tensor, temperature: f64, weights: Option<&Tensor>) -> Result<Tensor> {
+    masked_mean("tvd", &tvd_per_pos(s, t, temperature)?, weights)
+}
+
+// ---------------------------------------------------------------- run-file kind
+
+pub const TVD: LossSpec = LossSpec {
+    name: "tvd",
+    summary: "½ Σ |p − q|",
+    params: &[TEMPERATURE],
+    build: |p, _| {
+        Ok(Box::new(Tvd {
+            temperature: p.get("temperature"),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct Tvd {
+    temperature: f64,
+}
+
+impl Loss for Tvd {
+    fn spec(&self) -> &'static LossSpec {
+        &TVD
+    }
+    fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        tvd(x.student, x.teacher("tvd")?, self.temperature, Some(x.weights))
+    }
 }

@@ -8,8 +8,16 @@
 //! Variable paths equal the checkpoint names (`model.layers.{i}.self_attn.q_proj.weight`).
 use super::config::{LlamaConfig, RopeScaling};
 use crate::{Error, Result};
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
+
+/// x·Wᵀ + b in x's dtype: the weights are cast to it (a no-op when they already have it), so that a
+/// model whose variables are f32 computes in bf16 when its input is bf16 (f32 master weights, as
+/// `torch.autocast` does), and the gradient flows back to the f32 variables through the cast.
+fn lin(l: &nn::Linear, x: &Tensor) -> Tensor {
+    let k = x.kind();
+    x.linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k)).as_ref())
+}
 
 fn init_linear(bias: bool) -> nn::LinearConfig {
     nn::LinearConfig {
@@ -36,9 +44,15 @@ impl RmsNorm {
         }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        // (…, d): x / sqrt(mean(x²) + eps) · w, in f32 as transformers does.
-        let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        x * (var + self.eps).rsqrt() * &self.weight
+        // (…, d): x / sqrt(mean(x²) + eps) · w, normalised in f32 as transformers does, then cast
+        // back to the input's dtype before the weight (bf16/f16 models stay in their dtype)
+        if x.kind() == Kind::Float {
+            let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+            return x * (var + self.eps).rsqrt() * self.weight.to_kind(Kind::Float);
+        }
+        let h = x.to_kind(Kind::Float);
+        let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        (h * (var + self.eps).rsqrt()).to_kind(x.kind()) * self.weight.to_kind(x.kind())
     }
 }
 
@@ -100,9 +114,9 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden is (B, T, d)");
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x).view([b, t, nh, hd]).transpose(1, 2); // (B, nh, T, hd)
-        let k = self.k_proj.forward(x).view([b, t, nkv, hd]).transpose(1, 2); // (B, kv, T, hd)
-        let v = self.v_proj.forward(x).view([b, t, nkv, hd]).transpose(1, 2); // (B, kv, T, hd)
+        let q = lin(&self.q_proj, x).view([b, t, nh, hd]).transpose(1, 2); // (B, nh, T, hd)
+        let k = lin(&self.k_proj, x).view([b, t, nkv, hd]).transpose(1, 2); // (B, kv, T, hd)
+        let v = lin(&self.v_proj, x).view([b, t, nkv, hd]).transpose(1, 2); // (B, kv, T, hd)
         let q = apply_rope(&q, &rope.0, &rope.1);
         let k = apply_rope(&k, &rope.0, &rope.1);
         let (k, v) = match cache {
@@ -125,7 +139,7 @@ impl Attention {
         };
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, false);
         let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]); // (B, T, nh·hd)
-        self.o_proj.forward(&y)
+        lin(&self.o_proj, &y)
     }
 }
 
@@ -146,8 +160,10 @@ impl Mlp {
         }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+        lin(
+            &self.down_proj,
+            &(lin(&self.gate_proj, x).silu() * lin(&self.up_proj, x)),
+        )
     }
 }
 
@@ -192,6 +208,15 @@ pub struct ForwardOutput {
     pub hidden_states: Vec<Tensor>,
 }
 
+/// The trunk's output, before the head: the final normed hidden state (B, T, d), which the head
+/// (possibly in chunks of positions) turns into logits, and the residual stream after each of the
+/// layers that were asked for, in the order asked (none costs nothing).
+#[derive(Debug)]
+pub struct TrunkOutput {
+    pub last: Tensor,
+    pub layers: Vec<Tensor>,
+}
+
 #[derive(Debug)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -201,6 +226,8 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
     device: Device,
+    /// the dtype activations are computed in (the variables may be f32: master weights)
+    compute: Kind,
 }
 
 /// Rotary inverse frequencies (head_dim/2), f32, with the config's scaling (transformers'
@@ -301,11 +328,23 @@ impl Llama {
             lm_head,
             inv_freq,
             device: p.device(),
+            compute: Kind::Float,
         })
     }
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Compute activations in `kind` (f32, bf16 or f16). The variables keep their own dtype: cast
+    /// the `VarStore` too for a model that is only run (a teacher), keep it f32 for one that is
+    /// trained (f32 master weights, the casts inside the forward pass).
+    pub fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute = kind;
+    }
+
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -324,7 +363,8 @@ impl Llama {
         let pos = Tensor::arange_start(start, start + t, (Kind::Float, self.device)); // (T)
         let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0); // (T, hd/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
-        (emb.cos(), emb.sin())
+        // in the compute dtype, so that a bf16/f16 model's attention stays in it
+        (emb.cos().to_kind(self.compute), emb.sin().to_kind(self.compute))
     }
 
     fn mask(&self, start: i64, t: i64) -> AttnMask {
@@ -375,14 +415,20 @@ impl Llama {
         Ok((b, t))
     }
 
-    /// The trunk: the final normed hidden state (B, T, d) and, when asked, the residual stream
-    /// after each layer.
+    /// The trunk: the final normed hidden state (B, T, d) and the residual stream after each layer
+    /// listed in `keep` (indices into the decoder layers, in the order asked).
     fn trunk(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
-        want_hidden: bool,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+        keep: &[usize],
+    ) -> Result<TrunkOutput> {
+        if let Some(&bad) = keep.iter().find(|&&l| l >= self.layers.len()) {
+            return Err(Error::Invalid(format!(
+                "hidden state of layer {bad} asked for, the model has layers 0..{}",
+                self.layers.len().saturating_sub(1)
+            )));
+        }
         let (_b, t) = self.check_ids(ids)?;
         let start = cache.as_ref().map_or(0, |c| c.len);
         if (start + t) as usize > self.config.max_position_embeddings {
@@ -395,8 +441,9 @@ impl Llama {
         let ids = ids.to_kind(Kind::Int64).to_device(self.device);
         let rope = self.rope(start, t);
         let mask = self.mask(start, t);
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?; // (B, T, d)
-        let mut hidden_states = Vec::new();
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?
+            .f_to_kind(self.compute)?; // (B, T, d)
+        let mut kept: Vec<Option<Tensor>> = keep.iter().map(|_| None).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let a = layer
@@ -408,43 +455,53 @@ impl Llama {
                 + layer
                     .mlp
                     .forward(&layer.post_attention_layernorm.forward(&h));
-            if want_hidden {
-                hidden_states.push(h.shallow_clone());
+            for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &l)| l == i) {
+                *slot = Some(h.shallow_clone());
             }
         }
         if let Some(c) = cache {
             c.len += t;
         }
-        Ok((self.norm.forward(&h), hidden_states))
+        Ok(TrunkOutput {
+            last: self.norm.forward(&h),
+            layers: kept.into_iter().flatten().collect(),
+        })
     }
 
     /// The output head: logits (…, V) of normed hidden states (…, d).
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_linear::<Tensor>(self.lm_head_weight(), None)?)
+        Ok(hidden.f_linear::<Tensor>(&self.lm_head_weight().f_to_kind(hidden.kind())?, None)?)
     }
 
     /// Logits (B, T, V) for every position of `ids` (B, T).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        self.head(&self.trunk(ids, None, false)?.0)
+        self.head(&self.trunk(ids, None, &[])?.last)
     }
 
-    /// The final normed hidden state (B, T, d), before the head: for objectives computed over the
-    /// vocabulary in chunks of tokens.
+    /// The trunk without the head: the final normed hidden state (B, T, d), for objectives computed
+    /// over the vocabulary in chunks of positions, and the residual stream after each layer in
+    /// `layers` (for hidden-state objectives), from the same forward pass.
+    pub fn forward_trunk(&self, ids: &Tensor, layers: &[usize]) -> Result<TrunkOutput> {
+        self.trunk(ids, None, layers)
+    }
+
+    /// The final normed hidden state (B, T, d), before the head.
     pub fn forward_hidden(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.trunk(ids, None, false)?.0)
+        Ok(self.trunk(ids, None, &[])?.last)
     }
 
     /// Logits plus the residual stream after each layer.
     pub fn forward_with_hidden(&self, ids: &Tensor) -> Result<ForwardOutput> {
-        let (h, hidden_states) = self.trunk(ids, None, true)?;
+        let all: Vec<usize> = (0..self.layers.len()).collect();
+        let out = self.trunk(ids, None, &all)?;
         Ok(ForwardOutput {
-            logits: self.head(&h)?,
-            hidden_states,
+            logits: self.head(&out.last)?,
+            hidden_states: out.layers,
         })
     }
 
     /// Incremental forward: `ids` continue the sequence held in `cache`, which is extended.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.head(&self.trunk(ids, Some(cache), false)?.0)
+        self.head(&self.trunk(ids, Some(cache), &[])?.last)
     }
 }

@@ -9,7 +9,7 @@ use crate::io::read_to_string;
 use crate::{Error, Result};
 pub use config::{Arch, LlamaConfig, RopeScaling};
 use gguf::{GgufFile, Value as GValue};
-pub use llama::{ForwardOutput, KvCache, Llama};
+pub use llama::{ForwardOutput, KvCache, Llama, TrunkOutput};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

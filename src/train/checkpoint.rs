@@ -40,14 +40,20 @@ pub fn latest(output: &Path) -> Result<Option<PathBuf>> {
     Ok(list(output)?.pop().map(|(_, p)| p))
 }
 
-fn fault_pause() {
-    // test hook: stretch a save so that a test can kill the process in the middle of it
-    if let Some(ms) = std::env::var("DISTILL_FAULT_SLOW_SAVE_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
+/// Folders named like checkpoints that are not complete ones (no `state.json`): what a resume
+/// would otherwise silently pass over.
+pub fn incomplete(output: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir(output)) else {
+        return vec![];
+    };
+    let mut out: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| step_of(&e.file_name().to_string_lossy()).is_some())
+        .map(|e| e.path())
+        .filter(|p| !p.join("state.json").exists())
+        .collect();
+    out.sort();
+    out
 }
 
 pub fn save(
@@ -56,6 +62,7 @@ pub fn save(
     opt: &AdamW,
     state: &TrainState,
     keep_last: usize,
+    faults: &super::faults::Faults,
 ) -> Result<PathBuf> {
     let d = dir(output);
     std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
@@ -65,7 +72,7 @@ pub fn save(
         std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
     }
     student.save_hf(&partial)?;
-    fault_pause();
+    faults.during_save();
     hf::write_safetensors(&partial.join("optimizer.safetensors"), &opt.state_tensors())?;
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     write_atomic(&partial.join("state.json"), json.as_bytes())?;

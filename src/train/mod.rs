@@ -1,8 +1,13 @@
-//! Training: the recipe (`run`), the optimizer and schedules (`optim`), checkpoints (`checkpoint`)
-//! and the state a checkpoint carries (`state`).
+//! Training: the recipe in phases (`run`), one micro-step (`step`), the optimizer and schedules
+//! (`optim`), the `[run]` options (`options`), the output folder (`output`), checkpoints
+//! (`checkpoint`), the state a checkpoint carries (`state`) and the fault-test hooks (`faults`).
 pub mod checkpoint;
+pub mod faults;
 pub mod optim;
+pub mod options;
+pub mod output;
 pub mod run;
 pub mod state;
+pub mod step;
 
 pub use run::{train, TrainOptions, TrainSummary};

@@ -5,10 +5,139 @@
 //! Schedules: linear warm-up from 0 over `warmup_steps`, then constant, linear or cosine decay to
 //! `min_lr_ratio`·lr at the last step. Clipping: the global L2 norm, scaled by
 //! max_norm / (norm + 1e−6) when above (`torch.nn.utils.clip_grad_norm_`).
-use crate::config::{OptimConfig, Schedule};
+use crate::config::{issue, Checked};
 use crate::Result;
+use serde::Deserialize;
 use std::collections::HashMap;
 use tch::{nn, Kind, Tensor};
+
+/// `[optim]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimFile {
+    pub lr: Option<f64>,
+    pub betas: Option<[f64; 2]>,
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub warmup_steps: Option<usize>,
+    pub schedule: Option<String>,
+    pub min_lr_ratio: Option<f64>,
+    pub grad_clip: Option<f64>,
+    pub grad_accum: Option<usize>,
+    pub micro_batch: Option<usize>,
+    /// positions per chunk of the vocabulary-sized objective (0 = all at once)
+    pub loss_chunk: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub min_lr_ratio: f64,
+    /// None = no clipping
+    pub grad_clip: Option<f64>,
+    pub grad_accum: usize,
+    pub micro_batch: usize,
+    /// 0 = whole tensors
+    pub loss_chunk: usize,
+}
+
+/// Bound on micro_batch, grad_accum and loss_chunk: far above any use, low enough that products of
+/// them cannot overflow.
+const MAX_COUNT: usize = 1 << 24;
+
+impl OptimFile {
+    pub fn resolve(&self) -> Checked<OptimConfig> {
+        let schedule = match self.schedule.as_deref().unwrap_or("cosine") {
+            "cosine" => Schedule::Cosine,
+            "linear" => Schedule::Linear,
+            "constant" => Schedule::Constant,
+            other => {
+                return Err(issue(
+                    "optim.schedule",
+                    format!("'{other}' is not one of cosine, linear, constant"),
+                ))
+            }
+        };
+        let positive = |key: &str, v: f64| -> Checked<f64> {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(issue(key, format!("must be positive, got {v}")))
+            }
+        };
+        let lr = positive("optim.lr", self.lr.unwrap_or(1e-4))?;
+        let eps = positive("optim.eps", self.eps.unwrap_or(1e-8))?;
+        let betas = self.betas.unwrap_or([0.9, 0.999]);
+        for b in betas {
+            if !(0.0..1.0).contains(&b) {
+                return Err(issue("optim.betas", format!("{b} is not in [0, 1)")));
+            }
+        }
+        let weight_decay = self.weight_decay.unwrap_or(0.0);
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return Err(issue(
+                "optim.weight_decay",
+                format!("must be ≥ 0, got {weight_decay}"),
+            ));
+        }
+        let min_lr_ratio = self.min_lr_ratio.unwrap_or(0.1);
+        if !(0.0..=1.0).contains(&min_lr_ratio) {
+            return Err(issue(
+                "optim.min_lr_ratio",
+                format!("must be in [0, 1], got {min_lr_ratio}"),
+            ));
+        }
+        let grad_clip = match self.grad_clip {
+            None => Some(1.0),
+            Some(c) if c == 0.0 => None,
+            Some(c) if c.is_finite() && c > 0.0 => Some(c),
+            Some(c) => {
+                return Err(issue(
+                    "optim.grad_clip",
+                    format!("must be positive, or 0 for no clipping, got {c}"),
+                ))
+            }
+        };
+        let count = |key: &str, v: usize, zero_ok: bool| -> Checked<usize> {
+            if (v == 0 && !zero_ok) || v > MAX_COUNT {
+                Err(issue(
+                    key,
+                    format!(
+                        "must be in [{}, {MAX_COUNT}], got {v}",
+                        if zero_ok { 0 } else { 1 }
+                    ),
+                ))
+            } else {
+                Ok(v)
+            }
+        };
+        Ok(OptimConfig {
+            lr,
+            betas: (betas[0], betas[1]),
+            eps,
+            weight_decay,
+            warmup_steps: self.warmup_steps.unwrap_or(0),
+            schedule,
+            min_lr_ratio,
+            grad_clip,
+            grad_accum: count("optim.grad_accum", self.grad_accum.unwrap_or(1), false)?,
+            micro_batch: count("optim.micro_batch", self.micro_batch.unwrap_or(4), false)?,
+            loss_chunk: count("optim.loss_chunk", self.loss_chunk.unwrap_or(512), true)?,
+        })
+    }
+}
 
 pub struct AdamW {
     params: Vec<(String, Tensor)>,

@@ -1,21 +1,32 @@
-//! The distillation recipe, top to bottom: set-up (everything checked before the output folder is
-//! touched) → evaluation before → steps (teacher forward without a graph, student forward and
-//! backward, the objective, clipping, AdamW) with logs, evaluations and checkpoints → the student
-//! folder, the plot and the report.
-use super::checkpoint;
+//! The distillation recipe, top to bottom, in four phases:
+//!   1. set-up    models on the run's device and dtypes, data, objective, optimizer, the resumed
+//!                state: every check passes before the output folder is touched
+//!   2. before    the output folder is taken (locked; a previous run cleared only now, on
+//!                --overwrite), run.json written, the student evaluated
+//!   3. steps     for each optimizer step: micro-batches → train::step (teacher signal, student
+//!                forward, objective, backward) → clipping → AdamW; logs, evaluations, checkpoints
+//!   4. write-out the student folder, a closing summary record, then loss.png and report.md made
+//!                from the records
+use super::faults::Faults;
 use super::optim::{lr_at, AdamW};
+use super::options::Length;
+use super::output::{holds_run, RunOutput, Start};
 use super::state::TrainState;
-use crate::config::{Length, RunConfig, StudentInit};
-use crate::data::{self, sampler::batch_tensors, Sampler};
+use super::step::{micro_step, StepOptions};
+use super::checkpoint;
+use crate::config::RunConfig;
+use crate::data::{self, Batch, Dataset, Sampler};
+use crate::device::{check_available, device_name};
 use crate::eval::{distill_metrics, DistillMetrics};
+use crate::fingerprint;
 use crate::model::{self, hf, LoadedModel};
 use crate::objective::Objective;
-use crate::report::{self, MetricsLog};
-use crate::{io::write_atomic, student, Error, Result};
+use crate::student::{self, StudentInit};
+use crate::teacher::Live;
+use crate::{Error, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
@@ -39,39 +50,20 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
-/// Files a run writes into its output folder; their presence means the folder holds a run.
-const RUN_FILES: &[&str] = &[
-    "run.json",
-    "checkpoints",
-    "metrics.jsonl",
-    "student",
-    "report.md",
-    "loss.png",
-];
-
-fn holds_run(output: &Path) -> bool {
-    ["run.json", "checkpoints", "metrics.jsonl"]
-        .iter()
-        .any(|f| output.join(f).exists())
-}
-
-fn fault_nan_steps() -> Vec<usize> {
-    // test hook: poison the loss at these steps (comma-separated) to exercise the NaN path
-    std::env::var("DISTILL_FAULT_NAN_STEPS")
-        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_default()
-}
-
-fn fault_step_delay() -> Option<std::time::Duration> {
-    // test hook: slow every step down so that a test can kill the run at a chosen step
-    std::env::var("DISTILL_FAULT_STEP_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis)
+/// Everything phase 1 settles.
+struct Setup {
+    teacher: LoadedModel,
+    student: LoadedModel,
+    ds: Dataset,
+    objective: Objective,
+    opt: AdamW,
+    sampler: Sampler,
+    state: TrainState,
+    start: Start,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
-    match cfg.length {
+    match cfg.run.length {
         Length::Steps(n) => n,
         Length::Epochs(e) => {
             let per_step = cfg.optim.micro_batch * cfg.optim.grad_accum;
@@ -82,22 +74,156 @@ fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
 
 pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
-    if let Some(t) = cfg.threads {
-        tch::set_num_threads(t as i32);
+    let mut s = set_up(cfg, opts)?;
+    let mut out = RunOutput::open(&cfg.run.output, s.start, Faults::from_env())?;
+    out.write_run_info(&run_info(cfg, opts, &s))?;
+    let before = match s.start {
+        Start::Resume(_) => None,
+        _ => {
+            let m = evaluate(cfg, &s)?;
+            tracing::info!(
+                "before: student ppl {:.2}, teacher ppl {:.2}, KL {:.4}",
+                m.student_ppl,
+                m.teacher_ppl,
+                m.kl
+            );
+            out.metric(&eval_record(0, &m))?;
+            Some(m)
+        }
+    };
+    let last_eval = steps(cfg, opts, &mut s, &mut out)?;
+    write_out(cfg, &s, &mut out, before, last_eval, started)
+}
+
+// ---------------------------------------------------------------- 1. set-up
+
+/// The output folder must not be, hold, or lie inside an input: a run could overwrite it.
+fn check_output_apart(cfg: &RunConfig) -> Result<()> {
+    // the canonical form of a path that may not exist yet: its nearest existing ancestor, resolved
+    fn canonical(p: &Path) -> PathBuf {
+        let abs = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
+        let mut rest = Vec::new();
+        let mut cur = abs.as_path();
+        loop {
+            if let Ok(c) = cur.canonicalize() {
+                return rest.iter().rev().fold(c, |acc, r| acc.join(r));
+            }
+            match (cur.parent(), cur.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    cur = parent;
+                }
+                _ => return abs,
+            }
+        }
     }
-    let out = &cfg.output;
+    let out = canonical(&cfg.run.output);
+    let mut inputs = vec![("teacher.path", cfg.teacher.path.clone())];
+    if let StudentInit::Path(p) = &cfg.student.init {
+        inputs.push(("student.path", p.clone()));
+    }
+    inputs.push(("data.train", cfg.data.train.clone()));
+    if let Some(v) = &cfg.data.validation {
+        inputs.push(("data.validation", v.clone()));
+    }
+    for (key, p) in inputs {
+        let input = canonical(&p);
+        if out.starts_with(&input) || input.starts_with(&out) {
+            return Err(Error::Invalid(format!(
+                "run.output = {}: the output folder {} {key} ({}); choose an output folder apart from every input",
+                cfg.run.output.display(),
+                if out == input {
+                    "is"
+                } else if input.starts_with(&out) {
+                    "contains"
+                } else {
+                    "lies inside"
+                },
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What the result depends on, key by key: a checkpoint records it and a resume must match it.
+/// Logging, evaluation and checkpoint cadence, threads, the device and the output folder are left
+/// out: they do not change the weights (the device changes the last bits only).
+fn fingerprint_of(cfg: &RunConfig, ds: &Dataset, total: usize) -> fingerprint::Fingerprint {
+    let mut data = crate::fingerprint::Fnv64::default();
+    for s in ds.train.iter().chain(&ds.validation) {
+        data.u32s(&s.ids).f32s(&s.weights);
+    }
+    let d = &cfg.data;
+    let o = &cfg.optim;
+    let student = match &cfg.student.init {
+        StudentInit::Path(p) => p.display().to_string(),
+        StudentInit::FromTeacher { layers } => format!("teacher layers {layers:?}"),
+    };
+    let losses: Vec<String> = cfg
+        .losses
+        .iter()
+        .map(|l| format!("{} × {}", l.weight, l.describe()))
+        .collect();
+    [
+        ("teacher.path", cfg.teacher.path.display().to_string()),
+        ("teacher.dtype", cfg.teacher.dtype.name().to_string()),
+        ("student", student),
+        ("student.dtype", cfg.student.dtype.name().to_string()),
+        ("data.train", d.train.display().to_string()),
+        (
+            "data.validation",
+            format!("{:?}", d.validation.as_ref().map(|p| p.display().to_string())),
+        ),
+        ("data.format", format!("{:?}", d.format)),
+        ("data.seq_len", d.seq_len.to_string()),
+        ("data.packing", d.packing.to_string()),
+        ("data.validation_fraction", d.validation_fraction.to_string()),
+        ("data.max_train_tokens", format!("{:?}", d.max_train_tokens)),
+        (
+            "data.max_validation_sequences",
+            format!("{:?}", d.max_validation_sequences),
+        ),
+        ("data tokens (fingerprint)", data.hex()),
+        ("loss", losses.join(" + ")),
+        ("optim.lr", o.lr.to_string()),
+        ("optim.betas", format!("{:?}", o.betas)),
+        ("optim.eps", o.eps.to_string()),
+        ("optim.weight_decay", o.weight_decay.to_string()),
+        ("optim.warmup_steps", o.warmup_steps.to_string()),
+        ("optim.schedule", format!("{:?}", o.schedule)),
+        ("optim.min_lr_ratio", o.min_lr_ratio.to_string()),
+        ("optim.grad_clip", format!("{:?}", o.grad_clip)),
+        ("optim.grad_accum", o.grad_accum.to_string()),
+        ("optim.micro_batch", o.micro_batch.to_string()),
+        ("optim.loss_chunk", o.loss_chunk.to_string()),
+        ("run.seed", cfg.run.seed.to_string()),
+        ("run.steps or run.epochs (total steps)", total.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
+    let out = &cfg.run.output;
     if holds_run(out) && !opts.resume && !opts.overwrite {
         return Err(Error::Invalid(format!(
             "{}: holds another run; pass --resume to continue it or --overwrite to replace it",
             out.display()
         )));
     }
-    // ---- set-up: nothing is written before all of it succeeds
-    let device = Device::Cpu;
+    check_output_apart(cfg)?;
+    let device = cfg.run.device;
+    check_available(device)?;
+    // the teacher in f32 first: a student made of its layers copies f32 weights
     let mut teacher =
-        model::load(&cfg.teacher, device).map_err(|e| Error::Invalid(format!("teacher: {e}")))?;
-    teacher.vs.freeze();
-    let student = match &cfg.student {
+        model::load(&cfg.teacher.path, device).map_err(|e| Error::Invalid(format!("teacher: {e}")))?;
+    let mut student = match &cfg.student.init {
         StudentInit::Path(p) => {
             model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
         }
@@ -105,6 +231,15 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             student::from_teacher_layers(&teacher, layers, device)?
         }
     };
+    // a teacher is only run: its weights take its dtype; a student keeps f32 master weights and
+    // computes in its dtype
+    let t_kind = cfg.teacher.dtype.kind();
+    if t_kind != tch::Kind::Float {
+        teacher.vs.set_kind(t_kind);
+    }
+    teacher.model.set_compute_kind(t_kind);
+    teacher.vs.freeze();
+    student.model.set_compute_kind(cfg.student.dtype.kind());
     if let Some(note) = student::check_vocabularies(&teacher, &student)? {
         tracing::warn!("{note}");
     }
@@ -137,7 +272,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             cfg.data.train.display()
         )));
     }
-    // every token id must have a row in both models (checked before anything is written)
+    // every token id must have a row in both models
     let rows = teacher
         .model
         .config
@@ -160,7 +295,8 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let total = total_steps(cfg, ds.train.len());
     let mut objective = Objective::new(&cfg.losses, total)?;
     let mut opt = AdamW::new(&student.vs, &cfg.optim)?;
-    let mut sampler = Sampler::new(ds.train.len(), cfg.seed);
+    let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
+    let fingerprint = fingerprint_of(cfg, &ds, total);
     let mut state = TrainState {
         step: 0,
         total_steps: total,
@@ -169,120 +305,166 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         objective: objective.state(),
         skipped_steps: 0,
         tokens_seen: 0,
-        seed: cfg.seed,
+        seed: cfg.run.seed,
+        fingerprint: fingerprint.clone(),
     };
-    let resume_from = if opts.resume {
-        checkpoint::latest(out)?
-    } else {
-        None
-    };
-    if let Some(ck) = &resume_from {
-        let st = checkpoint::read_state(ck)?;
-        if st.total_steps != total || st.seed != cfg.seed {
+    let start = if opts.resume && holds_run(out) {
+        let ck = checkpoint::latest(out)?.ok_or_else(|| {
+            let broken = checkpoint::incomplete(out);
+            let what = if broken.is_empty() {
+                format!("no checkpoint in {}", checkpoint::dir(out).display())
+            } else {
+                format!(
+                    "no complete checkpoint ({} lacks state.json)",
+                    broken
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            Error::Invalid(format!(
+                "{}: cannot resume: {what}; nothing was changed (--overwrite starts the run over)",
+                out.display()
+            ))
+        })?;
+        let st = checkpoint::read_state(&ck)?;
+        let differing = fingerprint::differences(&st.fingerprint, &fingerprint);
+        if !differing.is_empty() {
             return Err(Error::Invalid(format!(
-                "{}: was made by a run of {} steps with seed {}; this run file gives {total} steps with seed {} (--overwrite starts over)",
+                "{}: was made with other settings or data; differing: {} (--overwrite starts over)",
                 ck.display(),
-                st.total_steps,
-                st.seed,
-                cfg.seed
+                differing.join("; ")
             )));
         }
+        if st.step > total || st.adam_t > st.step || st.skipped_steps > st.step {
+            return Err(Error::format(
+                ck.join("state.json"),
+                format!(
+                    "step {} (updates {}, skipped {}) does not fit a run of {total} steps",
+                    st.step, st.adam_t, st.skipped_steps
+                ),
+            ));
+        }
         let weights = hf::read_safetensors(&ck.join("model.safetensors"))?;
-        hf::load_into(&student.vs, &weights, ck)?;
+        hf::load_into(&student.vs, &weights, &ck)?;
         opt.load_state(
             &hf::read_safetensors(&ck.join("optimizer.safetensors"))?,
             st.adam_t,
-            ck,
+            &ck,
         )?;
-        sampler.restore(st.sampler);
+        sampler
+            .restore(st.sampler)
+            .map_err(|m| Error::format(ck.join("state.json"), m))?;
         objective.restore(&st.objective)?;
         state = st;
         tracing::info!("resuming from {} (step {})", ck.display(), state.step);
-    } else if opts.overwrite || opts.resume {
-        for f in RUN_FILES {
-            let p = out.join(f);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
-            } else if p.exists() {
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let run_json = json!({
-        "run_file": opts.run_file.as_ref().map(|p| p.display().to_string()),
-        "teacher": cfg.teacher.display().to_string(),
-        "total_steps": total,
-        "seed": cfg.seed,
-        "train_sequences": ds.train.len(),
-        "validation_sequences": ds.validation.len(),
-    });
-    write_atomic(
-        &out.join("run.json"),
-        serde_json::to_string_pretty(&run_json)
-            .expect("json")
-            .as_bytes(),
-    )?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = MetricsLog::open(&metrics_path, resume_from.as_ref().map(|_| state.step))?;
-    let eval_batch = cfg.optim.micro_batch;
-    let eval = |student: &LoadedModel| {
-        distill_metrics(&teacher.model, &student.model, &ds.validation, eval_batch)
-    };
-    let eval_record = |step: usize, m: &DistillMetrics| {
-        json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
-               "kl": m.kl, "top1": m.top1, "tokens": m.tokens})
-    };
-    if resume_from.is_none() {
-        let m = eval(&student)?;
-        tracing::info!(
-            "before: student ppl {:.2}, teacher ppl {:.2}, KL {:.4}",
-            m.student_ppl,
-            m.teacher_ppl,
-            m.kl
-        );
-        metrics.write(&eval_record(0, &m))?;
-    }
-
-    // ---- the steps
-    let names = objective.names().to_vec();
-    let nan_steps = fault_nan_steps();
-    let step_delay = fault_step_delay();
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(total as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(state.step as u64);
-        Some(b)
+        Start::Resume(state.step)
+    } else if opts.overwrite && holds_run(out) {
+        Start::Overwrite
     } else {
-        None
+        Start::Fresh
     };
-    let mut last_eval: Option<(usize, DistillMetrics)> = None;
-    while state.step < total {
-        let step = state.step + 1;
+    Ok(Setup {
+        teacher,
+        student,
+        ds,
+        objective,
+        opt,
+        sampler,
+        state,
+        start,
+    })
+}
+
+// ---------------------------------------------------------------- 2. before
+
+fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
+    let (tc, sc) = (&s.teacher.model.config, &s.student.model.config);
+    let student_source = match &cfg.student.init {
+        StudentInit::Path(p) => format!("`{}`", p.display()),
+        StudentInit::FromTeacher { layers } => format!("teacher layers {layers:?}"),
+    };
+    json!({
+        "run_file": opts.run_file.as_ref().map(|p| p.display().to_string()),
+        "teacher": {"source": s.teacher.source.display().to_string(), "format": s.teacher.format,
+                    "parameters": tc.num_params(), "layers": tc.num_hidden_layers,
+                    "dtype": cfg.teacher.dtype.name()},
+        "student": {"source": student_source, "parameters": sc.num_params(),
+                    "layers": sc.num_hidden_layers, "dtype": cfg.student.dtype.name()},
+        "data": {"train": cfg.data.train.display().to_string(), "seq_len": cfg.data.seq_len,
+                 "train_sequences": s.ds.train.len(), "train_tokens": s.ds.train_tokens,
+                 "validation_sequences": s.ds.validation.len()},
+        "objective": cfg.losses.iter().map(|l| format!("{} × {}", l.weight, l.describe())).collect::<Vec<_>>(),
+        "optim": {"lr": cfg.optim.lr, "schedule": format!("{:?}", cfg.optim.schedule).to_lowercase(),
+                  "warmup_steps": cfg.optim.warmup_steps, "micro_batch": cfg.optim.micro_batch,
+                  "grad_accum": cfg.optim.grad_accum},
+        "total_steps": s.state.total_steps,
+        "seed": cfg.run.seed,
+        "device": device_name(cfg.run.device),
+        "fingerprint": s.state.fingerprint,
+    })
+}
+
+fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
+    let teacher = Live::new(&s.teacher.model);
+    distill_metrics(
+        &teacher,
+        &s.student.model,
+        &s.ds.validation,
+        cfg.optim.micro_batch,
+    )
+}
+
+fn eval_record(step: usize, m: &DistillMetrics) -> Value {
+    json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
+           "kl": m.kl, "top1": m.top1, "tokens": m.tokens})
+}
+
+// ---------------------------------------------------------------- 3. steps
+
+fn progress_bar(total: usize, at: usize) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    b.set_position(at as u64);
+    b
+}
+
+/// The optimizer steps; returns the last evaluation, if any.
+fn steps(
+    cfg: &RunConfig,
+    opts: &TrainOptions,
+    s: &mut Setup,
+    out: &mut RunOutput,
+) -> Result<Option<DistillMetrics>> {
+    let total = s.state.total_steps;
+    let names = s.objective.names().to_vec();
+    let faults = Faults::from_env();
+    let device = cfg.run.device;
+    let bar = opts.progress.then(|| progress_bar(total, s.state.step));
+    let chunk = (cfg.optim.loss_chunk > 0).then_some(cfg.optim.loss_chunk);
+    let mut last_eval = None;
+    while s.state.step < total {
+        let step = s.state.step + 1;
         let t0 = Instant::now();
-        opt.zero_grad();
+        s.opt.zero_grad();
         let (mut loss, mut parts, mut finite, mut tokens) =
             (0.0, vec![0.0; names.len()], true, 0usize);
+        #[allow(unused_mut)]
+        let mut step_opts = StepOptions::new(chunk, 1.0 / cfg.optim.grad_accum as f64);
+        #[cfg(feature = "fault-injection")]
+        {
+            step_opts.poison = faults.poison(step);
+        }
+        let teacher = Live::new(&s.teacher.model);
         for _ in 0..cfg.optim.grad_accum {
-            let idx = sampler.next_batch(cfg.optim.micro_batch);
-            let group: Vec<data::Sequence> = idx.iter().map(|&i| ds.train[i].clone()).collect();
-            let (ids, labels) = batch_tensors(&group)?; // (B, T)
-            let chunk = (cfg.optim.loss_chunk > 0).then_some(cfg.optim.loss_chunk);
-            let m = objective.micro_step(
-                &student.model,
-                Some(&teacher.model),
-                &ids,
-                &labels,
-                chunk,
-                1.0 / cfg.optim.grad_accum as f64,
-                nan_steps.contains(&step),
-            )?;
-            tokens += labels.f_ne(-100)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as usize;
+            let rows = s.sampler.next_batch(cfg.optim.micro_batch);
+            let batch = Batch::new(&s.ds.train, &rows, device)?; // (B, T)
+            tokens += batch.counted();
+            let m = micro_step(&s.student.model, Some(&teacher), &s.objective, &batch, &step_opts)?;
             if !m.finite {
                 finite = false;
                 continue; // keep drawing the step's micro-batches: the data position stays on schedule
@@ -294,125 +476,114 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let grad_norm = match (finite, cfg.optim.grad_clip) {
             (false, _) => f64::NAN,
-            (true, Some(c)) => opt.clip(c)?,
-            (true, None) => opt.grad_norm()?,
+            (true, Some(c)) => s.opt.clip(c)?,
+            (true, None) => s.opt.grad_norm()?,
         };
         let lr = lr_at(&cfg.optim, step, total);
         let skipped = !(finite && grad_norm.is_finite());
         if skipped {
-            opt.zero_grad();
-            state.skipped_steps += 1;
+            s.opt.zero_grad();
+            s.state.skipped_steps += 1;
             tracing::warn!(
                 "step {step}: non-finite loss or gradient; step skipped (weights unchanged)"
             );
         } else {
-            opt.step(lr)?;
-            objective.after_step(&parts, step);
+            s.opt.step(lr)?;
+            s.objective.after_step(&parts, step);
         }
-        state.step = step;
-        state.adam_t = opt.t;
-        state.sampler = sampler.state;
-        state.objective = objective.state();
-        state.tokens_seen += tokens as u64;
+        s.state.step = step;
+        s.state.adam_t = s.opt.t;
+        s.state.sampler = s.sampler.state;
+        s.state.objective = s.objective.state();
+        s.state.tokens_seen += tokens as u64;
         let secs = t0.elapsed().as_secs_f64();
-        if step.is_multiple_of(cfg.log_every) || step == total {
+        if step.is_multiple_of(cfg.run.log_every) || step == total {
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
                 "lr": lr, "grad_norm": if grad_norm.is_finite() { json!(grad_norm) } else { Value::Null },
-                "tokens_per_s": tokens as f64 / secs, "skipped": skipped, "skipped_total": state.skipped_steps});
+                "tokens_per_s": tokens as f64 / secs, "skipped": skipped, "skipped_total": s.state.skipped_steps});
             for (n, p) in names.iter().zip(&parts) {
                 rec[n] = if skipped { Value::Null } else { json!(p) };
             }
-            let lambdas = objective.lambdas();
-            if !lambdas.is_empty() {
-                rec["taid_lambda"] = json!(lambdas);
+            for (name, values) in s.objective.log_values() {
+                rec[name] = json!(values);
             }
-            metrics.write(&rec)?;
+            out.metric(&rec)?;
         }
         if let Some(b) = &bar {
             b.set_position(step as u64);
             b.set_message(format!("loss {loss:.4} {:.0} tok/s", tokens as f64 / secs));
         }
-        if step == total || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) {
-            let m = eval(&student)?;
+        if step == total || (cfg.run.eval_every > 0 && step.is_multiple_of(cfg.run.eval_every)) {
+            let m = evaluate(cfg, s)?;
             tracing::info!(
                 "step {step}: student ppl {:.2}, KL {:.4}, top-1 {:.3}",
                 m.student_ppl,
                 m.kl,
                 m.top1
             );
-            metrics.write(&eval_record(step, &m))?;
-            last_eval = Some((step, m));
+            out.metric(&eval_record(step, &m))?;
+            last_eval = Some(m);
         }
-        if step == total || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every))
+        if step == total
+            || (cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every))
         {
-            checkpoint::save(out, &student, &opt, &state, cfg.keep_last)?;
+            out.checkpoint(&s.student, &s.opt, &s.state, cfg.run.keep_last)?;
         }
-        if let Some(d) = step_delay {
-            std::thread::sleep(d);
-        }
+        faults.after_step();
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    Ok(last_eval)
+}
 
-    // ---- what the user keeps
+// ---------------------------------------------------------------- 4. write-out
+
+fn write_out(
+    cfg: &RunConfig,
+    s: &Setup,
+    out: &mut RunOutput,
+    before: Option<DistillMetrics>,
+    last_eval: Option<DistillMetrics>,
+    started: Instant,
+) -> Result<TrainSummary> {
     let after = match last_eval {
-        Some((_, m)) => m,
-        None => eval(&student)?,
+        Some(m) => m,
+        None => evaluate(cfg, s)?,
     };
-    let final_dir = out.join("student");
-    let partial = out.join(".partial-student");
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
-    }
-    student.save_hf(&partial)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&partial, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    let records = report::read_metrics(&metrics_path)?;
-    report::plot_loss(&records, &out.join("loss.png"))?;
-    let before = records
-        .iter()
-        .find(|r| r["kind"] == "eval" && r["step"] == 0)
-        .and_then(|r| serde_json::from_value::<DistillMetrics>(r.clone()).ok());
-    let speeds = forward_speeds(&teacher, &student, &ds.validation, eval_batch)?;
-    let summary = TrainSummary {
-        output: out.clone(),
-        steps: total,
-        skipped_steps: state.skipped_steps,
+    out.save_student(&s.student)?;
+    let (teacher_tps, student_tps) = forward_speeds(s, cfg.optim.micro_batch)?;
+    let seconds = started.elapsed().as_secs_f64();
+    out.metric(&json!({"kind": "summary", "step": s.state.step, "skipped_steps": s.state.skipped_steps,
+        "seconds": seconds, "teacher_tokens_per_s": teacher_tps, "student_tokens_per_s": student_tps}))?;
+    let records = out.write_report()?;
+    // a resumed run's "before" is in the records of the run it continues
+    let before = before.or_else(|| {
+        records
+            .iter()
+            .find(|r| r["kind"] == "eval" && r["step"] == 0)
+            .and_then(|r| serde_json::from_value::<DistillMetrics>(r.clone()).ok())
+    });
+    Ok(TrainSummary {
+        output: out.dir().to_path_buf(),
+        steps: s.state.total_steps,
+        skipped_steps: s.state.skipped_steps,
         before,
         after,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    let md = report::markdown(
-        cfg,
-        opts.run_file.as_deref(),
-        &teacher,
-        &student,
-        &ds,
-        &summary,
-        speeds,
-    );
-    write_atomic(&out.join("report.md"), md.as_bytes())?;
-    Ok(summary)
+        seconds,
+    })
 }
 
 /// Tokens per second of one forward pass over a validation batch: (teacher, student).
-fn forward_speeds(
-    teacher: &LoadedModel,
-    student: &LoadedModel,
-    seqs: &[data::Sequence],
-    batch: usize,
-) -> Result<(f64, f64)> {
-    let group = &seqs[..seqs.len().min(batch.max(1))];
-    let (ids, _) = batch_tensors(group)?;
-    let n = ids.numel() as f64;
+fn forward_speeds(s: &Setup, batch: usize) -> Result<(f64, f64)> {
+    let rows: Vec<usize> = (0..s.ds.validation.len().min(batch.max(1))).collect();
+    let b = Batch::new(&s.ds.validation, &rows, s.student.model.device())?;
+    let n = b.ids.numel() as f64;
     let time = |m: &LoadedModel| -> Result<f64> {
-        let _ = tch::no_grad(|| m.model.forward(&ids))?; // warm-up
+        let _ = tch::no_grad(|| m.model.forward(&b.ids))?; // warm-up
         let t = Instant::now();
-        let _ = tch::no_grad(|| m.model.forward(&ids))?;
+        let _ = tch::no_grad(|| m.model.forward(&b.ids))?;
         Ok(n / t.elapsed().as_secs_f64())
     };
-    Ok((time(teacher)?, time(student)?))
+    Ok((time(&s.teacher)?, time(&s.student)?))
 }

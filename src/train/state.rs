@@ -3,7 +3,6 @@
 //! data order is a function of (seed, epoch) and the student starts from the teacher's layers or a
 //! folder, so the sampler's position is the whole random state.
 use crate::data::sampler::SamplerState;
-use crate::losses::taid::TaidState;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainState {
@@ -13,8 +12,13 @@ pub struct TrainState {
     /// optimizer updates applied (step minus skipped steps)
     pub adam_t: usize,
     pub sampler: SamplerState,
-    pub objective: Vec<Option<TaidState>>,
+    /// each loss term's state (TAID's λ), None for stateless terms
+    pub objective: Vec<Option<serde_json::Value>>,
     pub skipped_steps: usize,
     pub tokens_seen: u64,
     pub seed: u64,
+    /// what the result depends on (run-file keys, the data's token stream): a resume with any of
+    /// them changed is refused, naming the keys
+    #[serde(default)]
+    pub fingerprint: crate::fingerprint::Fingerprint,
 }

@@ -1,0 +1,160 @@
+//! The commands: the argument types (clap) and the dispatch. Each command's work lives in its own
+//! file; this one decides the threads (`--threads` > the run file's `threads` > all cores) and the
+//! device once, at the top.
+mod bench;
+mod convert;
+mod demo;
+mod eval;
+mod generate;
+mod inspect;
+mod train;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use distill::model::{self, LoadedModel};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "distill",
+    version,
+    about = "Knowledge distillation for Llama-family causal LMs"
+)]
+pub struct Cli {
+    /// Intra-op threads for libtorch (default: the run file's run.threads, else all cores)
+    #[arg(long, global = true)]
+    threads: Option<i64>,
+    /// Device: cpu, cuda or cuda:N (default: the run file's run.device, else cpu)
+    #[arg(long, global = true)]
+    device: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model (HF folder or .gguf): architecture, sizes, tokenizer
+    Inspect { model: PathBuf },
+    /// Generate text from a prompt, streaming tokens to stdout
+    Generate(generate::Args),
+    /// Perplexity of a model over a text file
+    Eval(eval::Args),
+    /// Convert a model (GGUF or HF folder) into a Hugging Face folder
+    Convert {
+        model: PathBuf,
+        out_dir: PathBuf,
+        /// Keep only these decoder layers (a student made from the model), e.g. 0,3,6,29
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+    },
+    /// Benchmarks: a distillation step, the loss kernels, the matmul peak
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Distil a teacher into a student as a run file says
+    Train {
+        run_file: PathBuf,
+        /// Continue from the newest checkpoint in the output folder
+        #[arg(long)]
+        resume: bool,
+        /// Replace a previous run in the output folder
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
+        /// Override a key of the run file, e.g. --set optim.lr=1e-4 (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// The demo: examples/demo.toml (SmolLM2-135M into 10 of its layers, on Shakespeare), then a
+    /// question to teacher and student
+    Demo {
+        /// Override a key of the demo's run file, e.g. --set run.steps=20 (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Replace a previous demo run in the output folder (default: continue it)
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+/// A usage error from clap as one line (`distill: …`, exit 2); help and version print as usual.
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let first = first.trim().trim_start_matches("error: ");
+            eprintln!("distill: {first} (see distill --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// libtorch's intra-op threads: the command line's, else `fallback` (the run file's), else all
+/// cores.
+fn set_threads(cli: Option<i64>, fallback: Option<usize>) -> Result<()> {
+    let n = match (cli, fallback) {
+        (Some(n), _) => n,
+        (None, Some(n)) => n as i64,
+        (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get() as i64),
+    };
+    if !(1..=4096).contains(&n) {
+        bail!("--threads must be in [1, 4096], got {n}");
+    }
+    tch::set_num_threads(n as i32);
+    Ok(())
+}
+
+/// The device a command that is not a run uses: --device, else the CPU.
+fn device(flag: Option<&str>) -> Result<tch::Device> {
+    let d = match flag {
+        Some(s) => distill::device::parse_device(s).map_err(|m| anyhow::anyhow!("--device: {m}"))?,
+        None => tch::Device::Cpu,
+    };
+    distill::device::check_available(d)?;
+    Ok(d)
+}
+
+fn load(path: &Path, device: tch::Device) -> Result<LoadedModel> {
+    let t = std::time::Instant::now();
+    let m = model::load(path, device).context("loading model")?;
+    tracing::info!(
+        "loaded {} in {:.1}s",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let flag = cli.device.as_deref();
+    match cli.command {
+        Command::Train {
+            run_file,
+            resume,
+            overwrite,
+            set,
+        } => train::run(&run_file, resume, overwrite, set, cli.threads, flag),
+        Command::Demo { set, overwrite } => demo::run(set, overwrite, cli.threads, flag),
+        command => {
+            set_threads(cli.threads, None)?;
+            let device = device(flag)?;
+            match command {
+                Command::Inspect { model } => inspect::run(&load(&model, device)?),
+                Command::Generate(args) => generate::run(args, device),
+                Command::Eval(args) => eval::run(args, device),
+                Command::Bench(cmd) => bench::run(cmd, device),
+                Command::Convert {
+                    model,
+                    out_dir,
+                    layers,
+                } => convert::run(&model, &out_dir, layers.as_deref(), device),
+                Command::Train { .. } | Command::Demo { .. } => unreachable!("dispatched above"),
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The run file (TOML): what `distill train run.toml` reads. Each module owns its section: the
+//! on-disk form (serde, unknown keys refused) and its validated runtime form (defaults filled in,
+//! enums instead of strings), with the checks of every range:
+//!   [teacher] → teacher::TeacherFile    [student] → student::StudentFile
+//!   [data]    → data::DataFile          [[loss]]  → objective::LossTerm (kinds from losses::registry)
+//!   [optim]   → train::optim::OptimFile [run]     → train::options::RunSection
+//! This module only composes them, applies `--set` overrides, and turns a problem into one line that
+//! names the user's file and line (`run.toml:12: optim.lr: must be positive`), or the `--set` that
+//! caused it.
+pub mod source;
+
+pub use source::{apply_overrides, expand_path};
+
+use crate::data::{DataConfig, DataFile};
+use crate::objective::LossTerm;
+use crate::student::{StudentConfig, StudentFile};
+use crate::teacher::config::{TeacherConfig, TeacherFile};
+use crate::train::optim::{OptimConfig, OptimFile};
+use crate::train::options::{RunOptions, RunSection};
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A value of the run file that is wrong, by its key path ("optim.lr", "loss.1.beta").
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub msg: String,
+}
+
+pub fn issue(key: impl Into<String>, msg: impl Into<String>) -> ConfigIssue {
+    ConfigIssue {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+pub type Checked<T> = std::result::Result<T, ConfigIssue>;
+
+/// Resolves the paths a run file names: relative to its folder, `~/` from $HOME.
+pub struct Paths<'a> {
+    pub base: &'a Path,
+}
+
+impl Paths<'_> {
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        expand_path(p, self.base)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    pub teacher: TeacherFile,
+    pub student: StudentFile,
+    pub data: DataFile,
+    /// each `[[loss]]` is read by the registry (its parameters are the kind's own)
+    #[serde(default)]
+    pub loss: Vec<toml::Table>,
+    #[serde(default)]
+    pub optim: OptimFile,
+    #[serde(default)]
+    pub run: RunSection,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub teacher: TeacherConfig,
+    pub student: StudentConfig,
+    pub data: DataConfig,
+    pub losses: Vec<LossTerm>,
+    pub optim: OptimConfig,
+    pub run: RunOptions,
+}
+
+impl RunConfig {
+    /// Read and validate a run file, with `--set` overrides applied. Errors cite the file's line,
+    /// or the `--set` that caused them.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = crate::io::read_to_string(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base, overrides)
+    }
+
+    /// Parse from a string (tests); `path` names it in errors and gives the folder relative paths
+    /// start from.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(text, &path.display().to_string(), base, &[])
+    }
+
+    /// Parse `text`, named `label` in errors, relative paths from `base`, with `--set` overrides.
+    pub fn parse(text: &str, label: &str, base: &Path, overrides: &[String]) -> Result<Self> {
+        let label = label.to_string();
+        // the user's text first, so that its errors carry its lines
+        let mut file: RunFile =
+            toml::from_str(text).map_err(|e| source::toml_error(&label, Some(text), &e))?;
+        let mut set_keys: Vec<(String, String)> = Vec::new();
+        if !overrides.is_empty() {
+            let mut table: toml::Table =
+                toml::from_str(text).map_err(|e| source::toml_error(&label, Some(text), &e))?;
+            // one override at a time: the first that breaks the document is the one named
+            for o in overrides {
+                apply_overrides(&mut table, std::slice::from_ref(o))?;
+                let merged =
+                    toml::to_string(&table).map_err(|e| Error::Invalid(format!("--set {o}: {e}")))?;
+                file = toml::from_str(&merged)
+                    .map_err(|e| Error::Invalid(format!("--set {o}: {}", e.message().trim())))?;
+                let (key, _) = source::parse_override(o)?;
+                set_keys.push((key, o.clone()));
+            }
+        }
+        Self::resolve(&file, &Paths { base }).map_err(|i| {
+            // the --set that wrote this key (or a section above it), else the user's line
+            let by_set = set_keys.iter().rev().find(|(k, _)| {
+                i.key == *k || i.key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{}.", i.key))
+            });
+            match (by_set, source::line_of_key(text, &i.key)) {
+                (Some((_, o)), _) => Error::Invalid(format!("--set {o}: {}: {}", i.key, i.msg)),
+                (None, Some(line)) => Error::Invalid(format!("{label}:{line}: {}: {}", i.key, i.msg)),
+                (None, None) => Error::Invalid(format!("{label}: {}: {}", i.key, i.msg)),
+            }
+        })
+    }
+
+    fn resolve(f: &RunFile, paths: &Paths) -> Checked<Self> {
+        let losses = crate::objective::loss_terms(&f.loss)?;
+        Ok(RunConfig {
+            teacher: f.teacher.resolve(paths)?,
+            student: f.student.resolve(paths)?,
+            data: f.data.resolve(paths)?,
+            losses,
+            optim: f.optim.resolve()?,
+            run: f.run.resolve(paths)?,
+        })
+    }
+}
