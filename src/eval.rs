@@ -98,7 +98,8 @@ pub fn distill_metrics(
     }
     let device = student.device();
     let zero = || Tensor::f_zeros([], (Kind::Double, device));
-    let (mut nll_s, mut nll_t, mut kl, mut agree, mut wsum) = (zero()?, zero()?, zero()?, zero()?, zero()?);
+    let (mut nll_s, mut nll_t, mut kl, mut agree, mut wsum) =
+        (zero()?, zero()?, zero()?, zero()?, zero()?);
     let mut n = 0usize;
     tch::no_grad(|| -> Result<()> {
         let idx: Vec<usize> = (0..seqs.len()).collect();
@@ -133,7 +134,9 @@ pub fn distill_metrics(
             };
             nll_s = nll_s.f_add(&nll(&s)?)?;
             nll_t = nll_t.f_add(&nll(&t)?)?;
-            kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(&s, &t, 1.0)?)?)?;
+            kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(
+                &s, &t, 1.0,
+            )?)?)?;
             let same = s
                 .f_argmax(-1, false)?
                 .f_eq_tensor(&t.f_argmax(-1, false)?)?;

@@ -19,7 +19,11 @@ pub struct LossTerm {
 
 impl LossTerm {
     /// `kind` with (name, value) parameters, checked against the registry, and a weight > 0.
-    pub fn new(kind: &str, given: &[(&str, f64)], weight: f64) -> std::result::Result<Self, String> {
+    pub fn new(
+        kind: &str,
+        given: &[(&str, f64)],
+        weight: f64,
+    ) -> std::result::Result<Self, String> {
         let spec = registry::spec(kind).ok_or_else(|| {
             format!(
                 "unknown kind '{kind}', expected one of {}",
@@ -41,7 +45,11 @@ impl LossTerm {
 
     /// "forward_kl(temperature=1)" for reports.
     pub fn describe(&self) -> String {
-        let ps: Vec<String> = self.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let ps: Vec<String> = self
+            .params
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
         format!("{}({})", self.spec.name, ps.join(", "))
     }
 }

@@ -118,14 +118,22 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
         o += &format!("Run file: `{r}`\n\n");
     }
     o += "## Models\n\n| | teacher | student |\n|---|---|---|\n";
-    o += &format!("| source | `{}` | {} |\n", s(&t["source"]), s(&st["source"]));
+    o += &format!(
+        "| source | `{}` | {} |\n",
+        s(&t["source"]),
+        s(&st["source"])
+    );
     o += &format!(
         "| parameters | {:.1}M | {:.1}M |\n",
         t["parameters"].as_f64().unwrap_or(0.0) / 1e6,
         st["parameters"].as_f64().unwrap_or(0.0) / 1e6
     );
     o += &format!("| layers | {} | {} |\n", s(&t["layers"]), s(&st["layers"]));
-    o += &format!("| compute dtype | {} | {} |\n", s(&t["dtype"]), s(&st["dtype"]));
+    o += &format!(
+        "| compute dtype | {} | {} |\n",
+        s(&t["dtype"]),
+        s(&st["dtype"])
+    );
     if let Some(sum) = record(records, "summary", None) {
         o += &format!(
             "| forward speed (tokens/s, {}) | {} | {} |\n",
@@ -169,7 +177,7 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
         o += &row("before", b);
     }
     if let Some(a) = record(records, "eval", None).filter(|r| r["step"].as_u64() != Some(0)) {
-        o += &row(&format!("after step {}", s(&a["step"])), a);
+        o += &row("after", a);
     }
     if let Some(sum) = record(records, "summary", None) {
         o += &format!(
@@ -184,7 +192,10 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
             "student/",
             "the distilled student (Hugging Face folder; `AutoModelForCausalLM.from_pretrained`)",
         ),
-        ("metrics.jsonl", "one line per logged step and per evaluation"),
+        (
+            "metrics.jsonl",
+            "one line per logged step and per evaluation",
+        ),
         ("loss.png", "training loss and validation KL"),
         (
             "checkpoints/",

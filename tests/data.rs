@@ -1,7 +1,7 @@
 //! Data: which tokens are targets for each record kind, packing, and the deterministic order.
 use distill::config::RunConfig;
-use distill::data::{DataConfig, DataFormat};
 use distill::data::{self, pack, pad_each, Example, Sampler};
+use distill::data::{DataConfig, DataFormat};
 use distill::model::Tokenizer;
 use std::path::Path;
 
@@ -171,4 +171,68 @@ fn the_example_run_files_are_valid() {
     let c = RunConfig::load(&p, &["optim.lr=0.125".into(), "run.steps=7".into()]).unwrap();
     assert_eq!(c.optim.lr, 0.125);
     assert_eq!(c.run.length, distill::train::options::Length::Steps(7));
+}
+
+#[test]
+fn max_train_tokens_counts_tokens_and_spans_find_each_rows_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    // three documents of 7, 11 and 13 bytes (+ EOS each): 8, 12, 14 tokens
+    for (name, text) in [
+        ("a.txt", "aaaaaaa"),
+        ("b.txt", "bbbbbbbbbbb"),
+        ("c.txt", "ccccccccccccc"),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let t = tok();
+    let mut c = cfg(dir.path(), DataFormat::Text, true, 6);
+    c.max_train_tokens = Some(15); // inside the second document
+    let ds = data::load(&c, &t, Some(256)).unwrap();
+    let ids: Vec<u32> = ds.train.iter().flat_map(|s| s.ids.clone()).collect();
+    // 15 tokens exactly, cut into windows of 6 (the last padded with EOS)
+    assert_eq!(ds.train.len(), 3);
+    let real: usize = ds
+        .train
+        .iter()
+        .flat_map(|s| &s.spans)
+        .map(|sp| sp.len)
+        .sum();
+    assert_eq!(real, 15);
+    assert_eq!(
+        &ids[..15],
+        {
+            let mut v = t.encode("aaaaaaa", false).unwrap();
+            v.push(256);
+            v.extend(t.encode("bbbbbbb", false).unwrap());
+            v
+        }
+        .as_slice()
+    );
+    // each row's spans give its documents and offsets: row 1 holds a[6..8] then b[0..4]
+    let row = &ds.train[1];
+    assert_eq!(row.spans.len(), 2);
+    assert_eq!(
+        (
+            row.spans[0].example,
+            row.spans[0].offset,
+            row.spans[0].at,
+            row.spans[0].len
+        ),
+        (0, 6, 0, 2)
+    );
+    assert_eq!(
+        (
+            row.spans[1].example,
+            row.spans[1].offset,
+            row.spans[1].at,
+            row.spans[1].len
+        ),
+        (1, 0, 2, 4)
+    );
+    // weights: 1 where the label counts, 0 elsewhere
+    for s in &ds.train {
+        for (l, w) in s.labels.iter().zip(&s.weights) {
+            assert_eq!(*w, if *l == data::IGNORE_INDEX { 0.0 } else { 1.0 });
+        }
+    }
 }

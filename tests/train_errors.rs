@@ -134,7 +134,7 @@ fn bad_run_files_and_data_are_refused_cleanly() {
     e.refuses(
         &RUN.replace("temperature = 2.0", "beta = 0.5"),
         &[],
-        &["bad.toml:12:", "'beta' does not apply"],
+        &["bad.toml:13:", "'beta' does not apply"],
     );
     // unknown loss kind
     e.refuses(

@@ -67,7 +67,8 @@ pub fn run(cmd: BenchCommand, device: tch::Device) -> Result<()> {
             chunk,
             json,
         } => {
-            let term = LossTerm::new(&loss, &[], 1.0).map_err(|m| anyhow::anyhow!("--loss: {m}"))?;
+            let term =
+                LossTerm::new(&loss, &[], 1.0).map_err(|m| anyhow::anyhow!("--loss: {m}"))?;
             if batch == 0 || seq < 2 || steps == 0 || chunk == Some(0) {
                 bail!("bench step needs --batch ≥ 1, --seq ≥ 2, --steps ≥ 1 and --chunk ≥ 1");
             }

@@ -3,7 +3,12 @@
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-pub fn run(model: &Path, out_dir: &Path, layers: Option<&[usize]>, device: tch::Device) -> Result<()> {
+pub fn run(
+    model: &Path,
+    out_dir: &Path,
+    layers: Option<&[usize]>,
+    device: tch::Device,
+) -> Result<()> {
     if out_dir.join("config.json").exists() || out_dir.is_file() {
         bail!(
             "{}: already holds a model; choose an empty folder",

@@ -7,7 +7,12 @@ use std::path::PathBuf;
 
 const DEMO_RUN: &str = include_str!("../../examples/demo.toml");
 
-pub fn run(mut set: Vec<String>, overwrite: bool, threads: Option<i64>, device: Option<&str>) -> Result<()> {
+pub fn run(
+    mut set: Vec<String>,
+    overwrite: bool,
+    threads: Option<i64>,
+    device: Option<&str>,
+) -> Result<()> {
     // the demo assets may live elsewhere (scripts/setup.sh exports where)
     for (key, var) in [
         ("teacher.path", "DISTILL_DEMO_TEACHER"),

@@ -3,6 +3,7 @@ use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     model: PathBuf,
     #[arg(long)]

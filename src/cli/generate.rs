@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     model: PathBuf,
     #[arg(long)]

@@ -19,7 +19,8 @@ use std::process::ExitCode;
 #[command(
     name = "distill",
     version,
-    about = "Knowledge distillation for Llama-family causal LMs"
+    about = "Knowledge distillation for Llama-family causal LMs",
+    allow_negative_numbers = true
 )]
 pub struct Cli {
     /// Intra-op threads for libtorch (default: the run file's run.threads, else all cores)
@@ -112,7 +113,9 @@ fn set_threads(cli: Option<i64>, fallback: Option<usize>) -> Result<()> {
 /// The device a command that is not a run uses: --device, else the CPU.
 fn device(flag: Option<&str>) -> Result<tch::Device> {
     let d = match flag {
-        Some(s) => distill::device::parse_device(s).map_err(|m| anyhow::anyhow!("--device: {m}"))?,
+        Some(s) => {
+            distill::device::parse_device(s).map_err(|m| anyhow::anyhow!("--device: {m}"))?
+        }
         None => tch::Device::Cpu,
     };
     distill::device::check_available(d)?;

@@ -102,8 +102,8 @@ impl RunConfig {
             // one override at a time: the first that breaks the document is the one named
             for o in overrides {
                 apply_overrides(&mut table, std::slice::from_ref(o))?;
-                let merged =
-                    toml::to_string(&table).map_err(|e| Error::Invalid(format!("--set {o}: {e}")))?;
+                let merged = toml::to_string(&table)
+                    .map_err(|e| Error::Invalid(format!("--set {o}: {e}")))?;
                 file = toml::from_str(&merged)
                     .map_err(|e| Error::Invalid(format!("--set {o}: {}", e.message().trim())))?;
                 let (key, _) = source::parse_override(o)?;
@@ -113,11 +113,15 @@ impl RunConfig {
         Self::resolve(&file, &Paths { base }).map_err(|i| {
             // the --set that wrote this key (or a section above it), else the user's line
             let by_set = set_keys.iter().rev().find(|(k, _)| {
-                i.key == *k || i.key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{}.", i.key))
+                i.key == *k
+                    || i.key.starts_with(&format!("{k}."))
+                    || k.starts_with(&format!("{}.", i.key))
             });
             match (by_set, source::line_of_key(text, &i.key)) {
                 (Some((_, o)), _) => Error::Invalid(format!("--set {o}: {}: {}", i.key, i.msg)),
-                (None, Some(line)) => Error::Invalid(format!("{label}:{line}: {}: {}", i.key, i.msg)),
+                (None, Some(line)) => {
+                    Error::Invalid(format!("{label}:{line}: {}: {}", i.key, i.msg))
+                }
                 (None, None) => Error::Invalid(format!("{label}: {}: {}", i.key, i.msg)),
             }
         })

@@ -60,7 +60,9 @@ pub fn toml_error(label: &str, text: Option<&str>, e: &toml::de::Error) -> Error
     let msg = e.message().replace('`', "'");
     let msg = msg.trim_end_matches('\n');
     match (text, e.span()) {
-        (Some(t), Some(span)) => Error::Invalid(format!("{label}:{}: {msg}", line_of(t, span.start))),
+        (Some(t), Some(span)) => {
+            Error::Invalid(format!("{label}:{}: {msg}", line_of(t, span.start)))
+        }
         _ => Error::Invalid(format!("{label}: {msg}")),
     }
 }
@@ -78,7 +80,9 @@ pub fn parse_override(o: &str) -> Result<(String, toml::Value)> {
         )));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     Ok((key.to_string(), value))

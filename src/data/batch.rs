@@ -38,7 +38,10 @@ impl Batch {
         let mut domains = Vec::with_capacity(rows.len());
         for &r in rows {
             let s = seqs.get(r).ok_or_else(|| {
-                Error::Invalid(format!("batch row {r} is outside the {} sequences", seqs.len()))
+                Error::Invalid(format!(
+                    "batch row {r} is outside the {} sequences",
+                    seqs.len()
+                ))
             })?;
             if s.ids.len() != t {
                 return Err(Error::Shape(format!(
@@ -54,7 +57,9 @@ impl Batch {
         }
         let shape = [rows.len() as i64, t as i64];
         Ok(Batch {
-            ids: Tensor::f_from_slice(&ids)?.f_view(shape)?.f_to_device(device)?,
+            ids: Tensor::f_from_slice(&ids)?
+                .f_view(shape)?
+                .f_to_device(device)?,
             labels: Tensor::f_from_slice(&labels)?
                 .f_view(shape)?
                 .f_to_device(device)?,
@@ -78,7 +83,8 @@ impl Batch {
                 ids.size()
             )));
         }
-        let host: Vec<i64> = Vec::<i64>::try_from(labels.f_flatten(0, 1)?.f_to_device(Device::Cpu)?)?;
+        let host: Vec<i64> =
+            Vec::<i64>::try_from(labels.f_flatten(0, 1)?.f_to_device(Device::Cpu)?)?;
         let host_weights: Vec<f32> = host
             .iter()
             .map(|&l| if l == super::IGNORE_INDEX { 0.0 } else { 1.0 })

@@ -78,12 +78,19 @@ fn read_examples(
             DataFormat::Text => text::read(&f, tok, eos)?,
             DataFormat::Jsonl => jsonl::read(&f, tok, eos)?,
         };
-        for e in examples {
+        for mut e in examples {
+            // the limit counts tokens: the example that crosses it is cut there
+            if let Some(m) = max_tokens {
+                let left = m - tokens;
+                if e.ids.len() >= left {
+                    e.ids.truncate(left);
+                    e.target.truncate(left);
+                    out.push(e);
+                    return Ok(out);
+                }
+            }
             tokens += e.ids.len();
             out.push(e);
-            if max_tokens.is_some_and(|m| tokens >= m) {
-                return Ok(out);
-            }
         }
     }
     Ok(out)

@@ -7,10 +7,10 @@
 //! Mean over counted positions; at p = q (g_head + g_tail = 0) the value is 0.
 //! Differs from the published code, which sorts ascending and calls "tail" the smallest tokens whose
 //! cumulative mass stays below μ: the two splits differ only in the token that crosses μ.
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 /// 1 where a vocabulary entry is in the teacher's head (shape of `p`).
 pub fn head_mask(p: &Tensor, mu: f64) -> Result<Tensor> {

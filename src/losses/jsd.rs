@@ -4,10 +4,10 @@
 //! at β ∈ {0, 1}: both give 0 (users who want FKL or RKL name them). The gradient flows through q in
 //! both terms, M included. Differs from TRL's early `generalized_jsd_loss`, which put β on the wrong
 //! distributions of the mixture.
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture, Dist};
 use crate::Result;
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 /// JSD(β) per position, shape `[...]`.
 pub fn jsd_per_pos(s: &Tensor, t: &Tensor, beta: f64, temperature: f64) -> Result<Tensor> {

@@ -5,10 +5,10 @@
 //! applies it). Differs from torchtune's "ForwardKLLoss", which returns the cross-entropy −Σ p log q
 //! (same gradient, value higher by H(p), not 0 at p = q).
 //! Note for readers of PyTorch code: `F.kl_div(input, target)` is KL(target‖input).
+use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::Result;
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 
 /// KL(p‖q) per position, shape `[...]`.
 pub fn forward_kl_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
@@ -29,7 +29,11 @@ pub fn forward_kl(
     temperature: f64,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("forward_kl", &forward_kl_per_pos(s, t, temperature)?, weights)
+    masked_mean(
+        "forward_kl",
+        &forward_kl_per_pos(s, t, temperature)?,
+        weights,
+    )
 }
 
 /// KL(q‖p), mean over counted positions.
@@ -39,7 +43,11 @@ pub fn reverse_kl(
     temperature: f64,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("reverse_kl", &reverse_kl_per_pos(s, t, temperature)?, weights)
+    masked_mean(
+        "reverse_kl",
+        &reverse_kl_per_pos(s, t, temperature)?,
+        weights,
+    )
 }
 
 // ---------------------------------------------------------------- run-file kind
@@ -76,7 +84,12 @@ impl Loss for ForwardKl {
         &FORWARD_KL
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        forward_kl(x.student, x.teacher("forward_kl")?, self.temperature, Some(x.weights))
+        forward_kl(
+            x.student,
+            x.teacher("forward_kl")?,
+            self.temperature,
+            Some(x.weights),
+        )
     }
 }
 
@@ -90,6 +103,11 @@ impl Loss for ReverseKl {
         &REVERSE_KL
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        reverse_kl(x.student, x.teacher("reverse_kl")?, self.temperature, Some(x.weights))
+        reverse_kl(
+            x.student,
+            x.teacher("reverse_kl")?,
+            self.temperature,
+            Some(x.weights),
+        )
     }
 }

@@ -117,7 +117,11 @@ pub(crate) fn weights_of(
 /// Weighted mean Σ w·x / Σ w of `per_pos` (leading shape); 0 when Σ w = 0. Positions of weight 0
 /// are selected away (`where`) before the product, so a non-finite value there cannot leak in
 /// (0·NaN). At 0/1 weights this is the masked mean over the counted positions, bit for bit.
-pub(crate) fn masked_mean(name: &str, per_pos: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn masked_mean(
+    name: &str,
+    per_pos: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let w = weights_of(name, weights, &per_pos.size(), per_pos)?.f_to_kind(per_pos.kind())?;
     let zero = Tensor::f_zeros([], (per_pos.kind(), per_pos.device()))?;
     let kept = per_pos.f_where_self(&w.f_ne(0.0)?, &zero)?.f_mul(&w)?;
@@ -160,6 +164,26 @@ pub(crate) fn checked_distributions(
     distributions(s, t, temperature)
 }
 
+thread_local! {
+    static TRUSTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with inputs checked upstream: teacher logits finite (a model's forward pass) and labels
+/// in the vocabulary (checked when the data was read). The losses then skip the checks that read a
+/// value back from the device (the teacher's −inf test, the labels' range), so a training step
+/// makes no host synchronisation per loss term or chunk. The training step and evaluation use it;
+/// inside, a −inf teacher logit would give NaN, so a caller with unchecked inputs must not.
+pub fn trusted<R>(f: impl FnOnce() -> R) -> R {
+    let was = TRUSTED.with(|c| c.replace(true));
+    let out = f();
+    TRUSTED.with(|c| c.set(was));
+    out
+}
+
+pub(crate) fn is_trusted() -> bool {
+    TRUSTED.with(|c| c.get())
+}
+
 /// Student and teacher distributions (q, p) at temperature `T`, with the teacher's −inf entries
 /// removed from both.
 pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<(Dist, Dist)> {
@@ -174,8 +198,9 @@ pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<
     };
     let s = scale(s)?;
     let t = scale(t)?.f_detach()?;
-    // one reduction instead of a boolean tensor in the common case (no −inf in the teacher)
-    let has_outside = t.f_min()?.f_double_value(&[])? == f64::NEG_INFINITY;
+    // one reduction instead of a boolean tensor in the common case (no −inf in the teacher); none
+    // at all (no host read) for trusted inputs (a model's logits)
+    let has_outside = !is_trusted() && t.f_min()?.f_double_value(&[])? == f64::NEG_INFINITY;
     if !has_outside {
         let (lq, lp) = (s.f_log_softmax(-1, kind)?, t.f_log_softmax(-1, kind)?);
         return Ok((

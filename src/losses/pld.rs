@@ -6,11 +6,11 @@
 //! scores; mean over counted positions (label −100 never counts). As τ → 0 with the teacher's argmax
 //! at the label, a → one-hot on π*_1 and L → cross-entropy on the true label.
 use super::hinton::labelled_weights;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 use super::{check_pair, compute_kind, lead_shape, masked_mean};
 use crate::data::IGNORE_INDEX;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 
 /// Σ_k w_k·(logsumexp_{l≥k} x_l − x_k) over the last dim of scores already in ranked order.
 /// The scan and the weighted sum run in f64 (a long f32 scan over a 50k vocabulary drifts past the
@@ -77,7 +77,8 @@ pub fn pld(
 
 pub const PLD: LossSpec = LossSpec {
     name: "pld",
-    summary: "Σ_k softmax(t/τ)[π*_k]·(logsumexp_{l≥k} s_{π*_l} − s_{π*_k}), π* = label, then by teacher",
+    summary:
+        "Σ_k softmax(t/τ)[π*_k]·(logsumexp_{l≥k} s_{π*_l} − s_{π*_k}), π* = label, then by teacher",
     params: &[ParamSpec {
         name: "tau",
         default: 1.0,
@@ -97,6 +98,12 @@ impl Loss for Pld {
         &PLD
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        pld(x.student, x.teacher("pld")?, x.labels, self.tau, Some(x.weights))
+        pld(
+            x.student,
+            x.teacher("pld")?,
+            x.labels,
+            self.tau,
+            Some(x.weights),
+        )
     }
 }

@@ -5,10 +5,10 @@
 //!   loss = Σ_ij P_ij·W_ij                                   (defaults ε = 0.1, 20 normalisations)
 //! The normalisations run in log space (log K = −W/ε, subtract logsumexp), the same P without
 //! underflow. The gradient flows through W and through P (a differentiable Sinkhorn).
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_pair, check_temperature, compute_kind};
 use crate::{Error, Result};
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 /// The transport plan after `iters` alternating normalisations of exp(−W/ε): step 0 normalises rows
 /// (each row sums to 1), step 1 columns, and so on.
@@ -113,12 +113,20 @@ impl Loss for Sinkhorn {
         let t = x.teacher("sinkhorn")?;
         let v = *x.student.size().last().unwrap_or(&0);
         let rows = |m: &Tensor| -> Result<Tensor> {
-            let counted = x.weights.f_gt(0.0)?.f_flatten(0, -1)?.f_nonzero()?.f_squeeze_dim(1)?;
+            let counted = x
+                .weights
+                .f_gt(0.0)?
+                .f_flatten(0, -1)?
+                .f_nonzero()?
+                .f_squeeze_dim(1)?;
             Ok(m.f_reshape([-1, v])?.f_index_select(0, &counted)?)
         };
         let (s, t) = (rows(x.student)?, rows(t)?);
         if s.size()[0] == 0 {
-            return Ok(Tensor::f_zeros([], (super::compute_kind(x.student), x.student.device()))?);
+            return Ok(Tensor::f_zeros(
+                [],
+                (super::compute_kind(x.student), x.student.device()),
+            )?);
         }
         sinkhorn(&s, &t, self.temperature, self.epsilon, self.iters)
     }

@@ -3,10 +3,10 @@
 //!   skew_reverse_kl(α) = KL(q ‖ α·q + (1−α)·p)
 //! The mixture's log is a logaddexp of log-probabilities; the gradient flows through q wherever it
 //! appears (as in DistiLLM's code). α = 0 gives forward (resp. reverse) KL; α = 1 gives 0.
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture};
 use crate::Result;
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 pub fn skew_kl_per_pos(s: &Tensor, t: &Tensor, alpha: f64, temperature: f64) -> Result<Tensor> {
     check_unit("skew_kl", "alpha", alpha)?;
@@ -32,7 +32,11 @@ pub fn skew_kl(
     temperature: f64,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
-    masked_mean("skew_kl", &skew_kl_per_pos(s, t, alpha, temperature)?, weights)
+    masked_mean(
+        "skew_kl",
+        &skew_kl_per_pos(s, t, alpha, temperature)?,
+        weights,
+    )
 }
 
 pub fn skew_reverse_kl(
@@ -100,7 +104,11 @@ impl Loss for Skew {
         }
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        let f = if self.reverse { skew_reverse_kl } else { skew_kl };
+        let f = if self.reverse {
+            skew_reverse_kl
+        } else {
+            skew_kl
+        };
         f(
             x.student,
             x.teacher(self.spec().name)?,

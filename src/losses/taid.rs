@@ -6,10 +6,10 @@
 //!   rel = (L_prev − L)/(L_prev + 1e−15);  m = β·m + (1−β)·rel
 //!   λ = min(t_end, max(t_start + (t_end − t_start)·step/total_steps, λ + α·sigmoid(m)·(1−λ)))
 //! Defaults from the paper: t_start 0.4, t_end 1.0, α 5e−4, β 0.99.
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 use super::{check_pair, check_unit, distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 
 /// What a checkpoint must hold to continue λ's schedule exactly.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

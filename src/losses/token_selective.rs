@@ -12,10 +12,10 @@
 //! H(x) = −Σ x log x; p = softmax(t/T), q = softmax(s/T) (T = 1 by default).
 use super::jsd::jsd_of;
 use super::pld::plackett_luce_suffix;
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_pair, check_temperature, distributions, masked_mean, weights_of};
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenSelectiveConfig {
@@ -62,7 +62,11 @@ pub fn weighted_jsd(
     // one pair of distributions serves the weight and the divergence
     let (q, p) = super::checked_distributions("token_selective", s, t, temperature)?;
     let w = entropy(&q)?.f_sub(&entropy(&p)?)?.f_sigmoid()?.f_detach()?;
-    masked_mean("token_selective", &w.f_mul(&jsd_of(&q, &p, beta)?)?, weights)
+    masked_mean(
+        "token_selective",
+        &w.f_mul(&jsd_of(&q, &p, beta)?)?,
+        weights,
+    )
 }
 
 /// Part 2: mean H(q) over counted tokens with H(q) ≥ the `quantile` of H(q) over counted tokens.
@@ -85,11 +89,20 @@ pub fn entropy_term(
     // the quantile is over the counted tokens (weight > 0), unweighted; the mean is weighted
     let threshold = values.f_quantile_scalar(quantile, None::<i64>, false, "linear")?;
     let keep = h.f_detach()?.f_ge_tensor(&threshold)?;
-    masked_mean("token_selective", &h, Some(&w.f_mul(&keep.f_to_kind(w.kind())?)?))
+    masked_mean(
+        "token_selective",
+        &h,
+        Some(&w.f_mul(&keep.f_to_kind(w.kind())?)?),
+    )
 }
 
 /// Part 3: Plackett-Luce NLL of the teacher's order of the student's top-K candidates.
-pub fn ranking_term(s: &Tensor, t: &Tensor, top_k: usize, weights: Option<&Tensor>) -> Result<Tensor> {
+pub fn ranking_term(
+    s: &Tensor,
+    t: &Tensor,
+    top_k: usize,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     check_pair("token_selective", s, t)?;
     if top_k == 0 {
         return Err(Error::Invalid(
@@ -202,7 +215,12 @@ impl Loss for TokenSelective {
         &TOKEN_SELECTIVE
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        token_selective(x.student, x.teacher("token_selective")?, &self.0, Some(x.weights))
+        token_selective(
+            x.student,
+            x.teacher("token_selective")?,
+            &self.0,
+            Some(x.weights),
+        )
     }
     /// The entropy quantile spans every counted position of the micro-batch.
     fn per_position(&self) -> bool {

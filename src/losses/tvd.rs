@@ -1,9 +1,9 @@
 //! Total variation distance: TVD(p, q) = ½·Σ_v |p(v) − q(v)|, mean over counted positions
 //! (used as a KD objective by Wen et al. 2023, "f-divergence minimization for sequence-level KD").
+use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 use super::{checked_distributions, masked_mean};
 use crate::Result;
 use tch::Tensor;
-use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 
 pub fn tvd_per_pos(s: &Tensor, t: &Tensor, temperature: f64) -> Result<Tensor> {
     let (q, p) = checked_distributions("tvd", s, t, temperature)?;
@@ -42,6 +42,11 @@ impl Loss for Tvd {
         &TVD
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        tvd(x.student, x.teacher("tvd")?, self.temperature, Some(x.weights))
+        tvd(
+            x.student,
+            x.teacher("tvd")?,
+            self.temperature,
+            Some(x.weights),
+        )
     }
 }

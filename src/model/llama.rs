@@ -16,7 +16,10 @@ use tch::{Device, Kind, Tensor};
 /// `torch.autocast` does), and the gradient flows back to the f32 variables through the cast.
 fn lin(l: &nn::Linear, x: &Tensor) -> Tensor {
     let k = x.kind();
-    x.linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k)).as_ref())
+    x.linear(
+        &l.ws.to_kind(k),
+        l.bs.as_ref().map(|b| b.to_kind(k)).as_ref(),
+    )
 }
 
 fn init_linear(bias: bool) -> nn::LinearConfig {
@@ -363,8 +366,11 @@ impl Llama {
         let pos = Tensor::arange_start(start, start + t, (Kind::Float, self.device)); // (T)
         let freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0); // (T, hd/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
-        // in the compute dtype, so that a bf16/f16 model's attention stays in it
-        (emb.cos().to_kind(self.compute), emb.sin().to_kind(self.compute))
+                                                      // in the compute dtype, so that a bf16/f16 model's attention stays in it
+        (
+            emb.cos().to_kind(self.compute),
+            emb.sin().to_kind(self.compute),
+        )
     }
 
     fn mask(&self, start: i64, t: i64) -> AttnMask {

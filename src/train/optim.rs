@@ -179,19 +179,23 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of the gradients (0 for parameters without one).
+    /// Global L2 norm of the gradients (0 for parameters without one): the squares summed on the
+    /// device, one host read for the whole model.
     pub fn grad_norm(&self) -> Result<f64> {
-        let mut sq = 0.0;
+        let mut squares = Vec::with_capacity(self.params.len());
         for (_, p) in &self.params {
             let g = p.grad();
             if g.defined() {
-                sq += g
-                    .f_pow_tensor_scalar(2)?
-                    .f_sum(Kind::Double)?
-                    .f_double_value(&[])?;
+                squares.push(g.f_square()?.f_sum(Kind::Double)?);
             }
         }
-        Ok(sq.sqrt())
+        if squares.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(Tensor::f_stack(&squares, 0)?
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?
+            .sqrt())
     }
 
     /// Scale gradients so that their global norm is at most `max_norm`; returns the norm before.

@@ -48,7 +48,9 @@ const MAX_STEPS: usize = 1 << 32;
 impl RunSection {
     pub fn resolve(&self, paths: &Paths) -> Checked<RunOptions> {
         let length = match (self.steps, self.epochs) {
-            (Some(_), Some(_)) => return Err(issue("run.steps", "give 'steps' or 'epochs', not both")),
+            (Some(_), Some(_)) => {
+                return Err(issue("run.steps", "give 'steps' or 'epochs', not both"))
+            }
             (Some(s), None) if s == 0 || s > MAX_STEPS => {
                 return Err(issue(
                     "run.steps",

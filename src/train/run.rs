@@ -7,13 +7,13 @@
 //!                forward, objective, backward) → clipping → AdamW; logs, evaluations, checkpoints
 //!   4. write-out the student folder, a closing summary record, then loss.png and report.md made
 //!                from the records
+use super::checkpoint;
 use super::faults::Faults;
 use super::optim::{lr_at, AdamW};
 use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
-use super::checkpoint;
 use crate::config::RunConfig;
 use crate::data::{self, Batch, Dataset, Sampler};
 use crate::device::{check_available, device_name};
@@ -48,6 +48,27 @@ pub struct TrainSummary {
     pub before: Option<DistillMetrics>,
     pub after: DistillMetrics,
     pub seconds: f64,
+    /// the teacher's weights, summarised (per variable: Σx and Σx², in name order) after set-up and
+    /// after the run: they must be equal, the teacher is frozen
+    pub teacher_checksums: (Vec<f64>, Vec<f64>),
+}
+
+/// Per variable of `vs` (in name order): Σx and Σx², in f64, computed on the device.
+pub fn weight_checksums(vs: &tch::nn::VarStore) -> Result<Vec<f64>> {
+    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut sums = Vec::with_capacity(2 * vars.len());
+    for (_, t) in &vars {
+        let t = t.f_to_kind(tch::Kind::Double)?;
+        sums.push(t.f_sum(tch::Kind::Double)?);
+        sums.push(t.f_square()?.f_sum(tch::Kind::Double)?);
+    }
+    if sums.is_empty() {
+        return Ok(vec![]);
+    }
+    Ok(Vec::<f64>::try_from(
+        tch::Tensor::f_stack(&sums, 0)?.f_to_device(tch::Device::Cpu)?,
+    )?)
 }
 
 /// Everything phase 1 settles.
@@ -60,6 +81,7 @@ struct Setup {
     sampler: Sampler,
     state: TrainState,
     start: Start,
+    teacher_checksum: Vec<f64>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -177,12 +199,18 @@ fn fingerprint_of(cfg: &RunConfig, ds: &Dataset, total: usize) -> fingerprint::F
         ("data.train", d.train.display().to_string()),
         (
             "data.validation",
-            format!("{:?}", d.validation.as_ref().map(|p| p.display().to_string())),
+            format!(
+                "{:?}",
+                d.validation.as_ref().map(|p| p.display().to_string())
+            ),
         ),
         ("data.format", format!("{:?}", d.format)),
         ("data.seq_len", d.seq_len.to_string()),
         ("data.packing", d.packing.to_string()),
-        ("data.validation_fraction", d.validation_fraction.to_string()),
+        (
+            "data.validation_fraction",
+            d.validation_fraction.to_string(),
+        ),
         ("data.max_train_tokens", format!("{:?}", d.max_train_tokens)),
         (
             "data.max_validation_sequences",
@@ -221,8 +249,8 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     let device = cfg.run.device;
     check_available(device)?;
     // the teacher in f32 first: a student made of its layers copies f32 weights
-    let mut teacher =
-        model::load(&cfg.teacher.path, device).map_err(|e| Error::Invalid(format!("teacher: {e}")))?;
+    let mut teacher = model::load(&cfg.teacher.path, device)
+        .map_err(|e| Error::Invalid(format!("teacher: {e}")))?;
     let mut student = match &cfg.student.init {
         StudentInit::Path(p) => {
             model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
@@ -365,7 +393,9 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     } else {
         Start::Fresh
     };
+    let teacher_checksum = weight_checksums(&teacher.vs)?;
     Ok(Setup {
+        teacher_checksum,
         teacher,
         student,
         ds,
@@ -402,6 +432,7 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "total_steps": s.state.total_steps,
         "seed": cfg.run.seed,
         "device": device_name(cfg.run.device),
+        "threads": tch::get_num_threads(),
         "fingerprint": s.state.fingerprint,
     })
 }
@@ -464,7 +495,13 @@ fn steps(
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
             let batch = Batch::new(&s.ds.train, &rows, device)?; // (B, T)
             tokens += batch.counted();
-            let m = micro_step(&s.student.model, Some(&teacher), &s.objective, &batch, &step_opts)?;
+            let m = micro_step(
+                &s.student.model,
+                Some(&teacher),
+                &s.objective,
+                &batch,
+                &step_opts,
+            )?;
             if !m.finite {
                 finite = false;
                 continue; // keep drawing the step's micro-batches: the data position stays on schedule
@@ -557,6 +594,13 @@ fn write_out(
     out.metric(&json!({"kind": "summary", "step": s.state.step, "skipped_steps": s.state.skipped_steps,
         "seconds": seconds, "teacher_tokens_per_s": teacher_tps, "student_tokens_per_s": student_tps}))?;
     let records = out.write_report()?;
+    let teacher_after = weight_checksums(&s.teacher.vs)?;
+    if teacher_after != s.teacher_checksum {
+        return Err(Error::Invalid(
+            "internal error: the teacher's weights changed during training (they are frozen)"
+                .into(),
+        ));
+    }
     // a resumed run's "before" is in the records of the run it continues
     let before = before.or_else(|| {
         records
@@ -571,6 +615,7 @@ fn write_out(
         before,
         after,
         seconds,
+        teacher_checksums: (s.teacher_checksum.clone(), teacher_after),
     })
 }
 

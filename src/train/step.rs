@@ -107,12 +107,15 @@ pub fn micro_step(
                     Some(sig) => Some(sig.positions(start, len)?), // (len, Vt)
                     None => None,
                 };
-                let v = objective.compute(
-                    &s_logits,
-                    t_dist.as_ref(),
-                    &labels.f_narrow(0, start, len)?,
-                    &weights.f_narrow(0, start, len)?,
-                )?;
+                // labels were checked when the data was read, and the teacher signal is finite
+                let v = crate::losses::trusted(|| {
+                    objective.compute(
+                        &s_logits,
+                        t_dist.as_ref(),
+                        &labels.f_narrow(0, start, len)?,
+                        &weights.f_narrow(0, start, len)?,
+                    )
+                })?;
                 let w = opts.scale * share;
                 let part = opts.poisoned(v.total.f_mul_scalar(w)?)?;
                 loss = loss.f_add(&part.f_detach()?.f_to_kind(Kind::Double)?)?;
