@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release --bins
+install_distill # `distill` on the PATH of every new shell (scripts/setup.sh)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
