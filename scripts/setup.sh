@@ -71,3 +71,29 @@ export PATH="$VENV/bin:$PATH"
 TORCH_LIB=$("$VENV/bin/python" -c "import torch,os; print(os.path.join(os.path.dirname(torch.__file__),'lib'))")
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$DISTILL_CACHE/target}"
+
+# install_distill: put the built binary where every new shell finds it (demo.sh and test.sh call it
+# after their build). /usr/local/bin is on the default PATH of login and non-login shells alike
+# (/etc/profile, /etc/login.defs, bash's built-in default), so it is the place when writable; else
+# ~/.local/bin, which Debian's and Ubuntu's default ~/.profile add to a login shell's PATH when it
+# exists. DISTILL_BIN_DIR overrides. A copy, not a link: it survives `cargo clean`, and its rpath
+# points at the venv's torch, not at the build folder. Exports DISTILL_INSTALLED (tests/clean_env.rs
+# checks that file), and checks that a fresh login shell runs it.
+install_distill() {
+  local built="$CARGO_TARGET_DIR/release/distill" dir="${DISTILL_BIN_DIR:-}"
+  if [ -z "$dir" ]; then
+    if [ -w /usr/local/bin ]; then dir=/usr/local/bin; else dir="$HOME/.local/bin"; fi
+  fi
+  mkdir -p "$dir"
+  install -m 755 "$built" "$dir/.distill.tmp.$$"
+  mv -f "$dir/.distill.tmp.$$" "$dir/distill"
+  export DISTILL_INSTALLED="$dir/distill"
+  local found
+  found=$(env -i HOME="$HOME" timeout 20 bash -lc 'command -v distill && distill --help >/dev/null' 2>/dev/null || true)
+  if [ "$(printf '%s\n' "$found" | head -n 1)" != "$dir/distill" ]; then
+    echo "setup: installed $dir/distill, but a new login shell does not run it" \
+      "(it finds: ${found:-nothing}); add $dir to PATH, e.g. in ~/.profile" >&2
+  else
+    echo "setup: installed $dir/distill (on the PATH of new shells)" >&2
+  fi
+}

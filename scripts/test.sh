@@ -3,7 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo build --release --bins --features fault-injection
+# the user's binary (default features) goes on the PATH; the tests build their own with the
+# fault-test hooks (feature `fault-injection`)
+cargo build --release --bins
+install_distill # `distill` on the PATH of every new shell (scripts/setup.sh)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

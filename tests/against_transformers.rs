@@ -272,3 +272,85 @@ fn random_tiny_models_load_in_transformers_with_equal_logits() {
         assert!(err < 1e-5, "config #{i}: max relative error {err}");
     }
 }
+
+/// config.json in transformers 5's layout, as transformers itself writes it: `rope_parameters`
+/// holding the base and the scaling, no top-level `rope_theta` or `rope_scaling`. Our reader must
+/// find the same base and scaling and give the same logits; transformers must read our writer's
+/// file (both layouts) as we meant it. Bases ≠ 10000, so a reader that falls back to the default
+/// base fails here.
+#[test]
+fn rope_parameters_layout_reads_like_transformers() {
+    let mut default = LlamaConfig::tiny(64, 64, 2, 4, 2);
+    default.rope_theta = 500000.0;
+    let mut llama3 = LlamaConfig::tiny(96, 64, 2, 4, 1);
+    llama3.rope_theta = 500000.0;
+    llama3.rope_scaling = distill::model::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8.0,
+    };
+    let mut linear = LlamaConfig::tiny(80, 32, 2, 4, 2);
+    linear.rope_theta = 20000.0;
+    linear.rope_scaling = distill::model::RopeScaling::Linear { factor: 2.0 };
+    for (i, cfg) in [default, llama3, linear].into_iter().enumerate() {
+        let m = model::random(&cfg, Device::Cpu, 20 + i as i64).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (tmp.path().join("ours"), tmp.path().join("theirs"));
+        m.save_hf(&ours).unwrap();
+        // transformers reads our config.json and writes it back in its own layout
+        let read: serde_json::Value = serde_json::from_str(&reference(&[
+            "resave_config",
+            ours.to_str().unwrap(),
+            theirs.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(read["rope_theta"].as_f64(), Some(cfg.rope_theta), "#{i}");
+        let kind = match cfg.rope_scaling {
+            distill::model::RopeScaling::None => "default",
+            distill::model::RopeScaling::Linear { .. } => "linear",
+            distill::model::RopeScaling::Llama3 { .. } => "llama3",
+        };
+        assert_eq!(read["rope_type"].as_str(), Some(kind), "#{i}");
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(theirs.join("config.json")).unwrap()).unwrap();
+        assert!(
+            written.get("rope_theta").is_none()
+                && written.get("rope_scaling").is_none()
+                && written["rope_parameters"]["rope_theta"].as_f64() == Some(cfg.rope_theta),
+            "#{i}: transformers no longer writes the layout this test is about: {written}"
+        );
+        std::fs::copy(
+            ours.join("model.safetensors"),
+            theirs.join("model.safetensors"),
+        )
+        .unwrap();
+        let loaded = model::load(&theirs, Device::Cpu).unwrap();
+        assert_eq!(loaded.model.config.rope_theta, cfg.rope_theta, "#{i}");
+        assert_eq!(loaded.model.config.rope_scaling, cfg.rope_scaling, "#{i}");
+        let out = tmp.path().join("ref.safetensors");
+        reference(&[
+            "random_model_logits",
+            theirs.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        let ids: Vec<i64> = (0..16)
+            .map(|i| (7 * i + 3) % cfg.vocab_size as i64)
+            .collect();
+        let logits = tch::no_grad(|| {
+            loaded
+                .model
+                .forward(&Tensor::from_slice(&ids).unsqueeze(0))
+                .unwrap()
+        })
+        .squeeze_dim(0);
+        // Both sides compute in f32 and differ only in the order of their sums. A sum of n f32
+        // terms is off by at most (n − 1)·u·Σ|terms| (u = 2^-24 ≈ 6e-8). Along the path to one
+        // logit the sums are at most 128 terms long (the MLP's down projection) and about 13 deep
+        // (per layer: norm, q/k/v, scores, softmax, ·v, o, norm, gate/up, down; then norm and
+        // head), so their errors add up to ≲ 13 · 128 · u ≈ 1e-4 of the logits' scale: the
+        // bound DESIGN.md §6 sets for model code.
+        let err = max_rel_err(&logits, &read_tensor(&out, "logits"));
+        assert!(err < 1e-4, "config #{i}: max relative error {err}");
+    }
+}

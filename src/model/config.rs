@@ -177,46 +177,7 @@ impl LlamaConfig {
             None => 0,
         };
         let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
-        let rope_scaling = match obj.get("rope_scaling") {
-            None | Some(Value::Null) => RopeScaling::None,
-            Some(Value::Object(rs)) => {
-                let rf = Fields { obj: rs, path };
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                match kind {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear {
-                        factor: rf.req_f64("factor")?,
-                    },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: rf.req_f64("factor")?,
-                        low_freq_factor: rf.req_f64("low_freq_factor")?,
-                        high_freq_factor: rf.req_f64("high_freq_factor")?,
-                        original_max_position_embeddings: rf
-                            .req_f64("original_max_position_embeddings")?,
-                    },
-                    other => {
-                        return Err(Error::config(
-                            path,
-                            "rope_scaling.rope_type",
-                            format!(
-                                "'{other}' is not supported (supported: default, linear, llama3)"
-                            ),
-                        ))
-                    }
-                }
-            }
-            Some(_) => {
-                return Err(Error::config(
-                    path,
-                    "rope_scaling",
-                    "expected an object or null",
-                ))
-            }
-        };
+        let (rope_theta, rope_scaling) = read_rope(obj, path)?;
         let eos_token_ids = match obj.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => a
@@ -239,7 +200,7 @@ impl LlamaConfig {
             num_key_value_heads: f.opt_usize("num_key_value_heads")?.unwrap_or(heads),
             head_dim,
             rms_norm_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f.opt_f64("rope_theta")?.unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
@@ -259,7 +220,7 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// The `config.json` that `transformers` loads for this model.
+    /// The `config.json` that `transformers` (4 and 5) loads for this model.
     pub fn to_hf_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("architectures".into(), json!([self.arch.hf_class()]));
@@ -314,12 +275,27 @@ impl LlamaConfig {
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
+                // an integer where it is one: transformers warns about a float here
+                let omp = original_max_position_embeddings;
+                let omp = if omp.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(omp) {
+                    json!(*omp as u64)
+                } else {
+                    json!(omp)
+                };
                 json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position_embeddings})
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": omp})
             }
         };
+        // Both layouts, saying the same (read_rope accepts that): transformers 5 reads
+        // `rope_parameters` (and takes a non-null `rope_scaling` in its place, with the top-level
+        // `rope_theta`), transformers 4 and other readers the top-level keys.
+        let mut params = match &rope {
+            Value::Object(o) => o.clone(),
+            _ => Map::from_iter([("rope_type".to_string(), json!("default"))]),
+        };
+        params.insert("rope_theta".into(), json!(self.rope_theta));
         m.insert("rope_scaling".into(), rope);
+        m.insert("rope_parameters".into(), Value::Object(params));
         if let Some(b) = self.bos_token_id {
             m.insert("bos_token_id".into(), json!(b));
         }
@@ -354,6 +330,196 @@ impl LlamaConfig {
         let layer = attn + mlp + 2 * d;
         let head = if self.tie_word_embeddings { 0 } else { v * d };
         v * d + self.num_hidden_layers * layer + d + head
+    }
+}
+
+/// transformers' `default_theta`: the RoPE base when a config names none.
+const DEFAULT_ROPE_THETA: f64 = 10000.0;
+
+/// The RoPE base and scaling of a `config.json`, in either of its two layouts:
+/// - older (transformers 4): top-level `rope_theta`, and `rope_scaling` = null or
+///   {`rope_type` (or `type`), `factor`, ...};
+/// - transformers 5 (what its `save_pretrained` writes): `rope_parameters` = {`rope_type`,
+///   `rope_theta`, `factor`, ...}, and no top-level `rope_theta` or `rope_scaling`.
+///
+/// transformers 5 reads both (`convert_rope_params_to_dict`): a non-null `rope_scaling` takes the
+/// place of `rope_parameters`, and a `rope_theta` missing from that object comes from the top level,
+/// else 10000. We read the same. When both layouts are present, every key of the older one that is
+/// present must say what `rope_parameters` says (an older and a newer reader would otherwise build
+/// different models); if not, the file is refused, naming the key.
+fn read_rope(obj: &Map<String, Value>, path: &Path) -> Result<(f64, RopeScaling)> {
+    let object = |key: &str| -> Result<Option<&Map<String, Value>>> {
+        match obj.get(key) {
+            // transformers treats an empty object as absent (`rope_scaling or rope_parameters`)
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) if m.is_empty() => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(v) => Err(Error::config(
+                path,
+                key,
+                format!("expected an object or null, got {v}"),
+            )),
+        }
+    };
+    let f = Fields { obj, path };
+    check_partial_rotary_factor(
+        obj.get("partial_rotary_factor"),
+        "partial_rotary_factor",
+        path,
+    )?;
+    let top_theta = f.opt_f64("rope_theta")?;
+    let rope_scaling = object("rope_scaling")?;
+    let older = rope_scaling
+        .map(|m| rope_object(m, "rope_scaling", path))
+        .transpose()?;
+    // the older layout's base: the top-level key, or one inside rope_scaling (which transformers 5
+    // prefers); when both are there they must agree
+    let older_theta = match (top_theta, older.as_ref().and_then(|o| o.0)) {
+        (Some(top), Some(inner)) if top != inner => {
+            return Err(Error::config(
+                path,
+                "rope_scaling.rope_theta",
+                format!("{inner} disagrees with rope_theta = {top}; keep one of the two"),
+            ))
+        }
+        (top, inner) => top.or(inner),
+    };
+    // `"rope_scaling": null` says "no scaling"; an absent key says nothing
+    let older_scaling = obj
+        .contains_key("rope_scaling")
+        .then(|| older.map_or(RopeScaling::None, |o| o.1));
+    let Some(params) = object("rope_parameters")? else {
+        return Ok((
+            older_theta.unwrap_or(DEFAULT_ROPE_THETA),
+            older_scaling.unwrap_or(RopeScaling::None),
+        ));
+    };
+    let (inner_theta, scaling) = rope_object(params, "rope_parameters", path)?;
+    let theta = inner_theta.or(top_theta).unwrap_or(DEFAULT_ROPE_THETA);
+    // a non-null rope_scaling replaces rope_parameters in transformers 5, base included
+    let older_theta = match rope_scaling {
+        Some(_) => Some(older_theta.unwrap_or(DEFAULT_ROPE_THETA)),
+        None => older_theta,
+    };
+    if let Some(older) = older_theta.filter(|&t| t != theta) {
+        return Err(Error::config(
+            path,
+            "rope_parameters.rope_theta",
+            format!(
+                "the base is {theta} here but {older} in the older layout (rope_theta, \
+                 rope_scaling); the two layouts disagree: keep one"
+            ),
+        ));
+    }
+    if let Some(older) = older_scaling.filter(|s| *s != scaling) {
+        return Err(Error::config(
+            path,
+            "rope_parameters",
+            format!(
+                "the scaling is {} here but {} in rope_scaling; the two layouts disagree: keep one",
+                describe_scaling(&scaling),
+                describe_scaling(&older)
+            ),
+        ));
+    }
+    Ok((theta, scaling))
+}
+
+/// One RoPE object (`rope_scaling` or `rope_parameters`, named `key` in errors): the base it holds,
+/// if any, and its scaling.
+fn rope_object(
+    m: &Map<String, Value>,
+    key: &str,
+    path: &Path,
+) -> Result<(Option<f64>, RopeScaling)> {
+    let named = |e: Error| match e {
+        Error::Config { path, key: k, msg } => Error::Config {
+            path,
+            key: format!("{key}.{k}"),
+            msg,
+        },
+        e => e,
+    };
+    if let Some((k, _)) = m.iter().find(|(_, v)| v.is_object()) {
+        return Err(Error::config(
+            path,
+            format!("{key}.{k}"),
+            "RoPE parameters per layer type are not supported",
+        ));
+    }
+    let f = Fields { obj: m, path };
+    check_partial_rotary_factor(
+        m.get("partial_rotary_factor"),
+        &format!("{key}.partial_rotary_factor"),
+        path,
+    )?;
+    let theta = f.opt_f64("rope_theta").map_err(named)?;
+    let kind_key = if m.contains_key("rope_type") {
+        "rope_type"
+    } else {
+        "type"
+    };
+    let kind = match f.get(kind_key) {
+        None => "default",
+        Some(Value::String(s)) => s.as_str(),
+        Some(v) => {
+            return Err(Error::config(
+                path,
+                format!("{key}.{kind_key}"),
+                format!("expected a string, got {v}"),
+            ))
+        }
+    };
+    let req = |k: &str| f.req_f64(k).map_err(named);
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: req("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: req("factor")?,
+            low_freq_factor: req("low_freq_factor")?,
+            high_freq_factor: req("high_freq_factor")?,
+            original_max_position_embeddings: req("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(Error::config(
+                path,
+                format!("{key}.{kind_key}"),
+                format!("'{other}' is not supported (supported: default, linear, llama3)"),
+            ))
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// transformers rotates only the fraction `partial_rotary_factor` of each head; we rotate all of
+/// it, so any other value is refused rather than read as 1. `key` names the value in errors.
+fn check_partial_rotary_factor(v: Option<&Value>, key: &str, path: &Path) -> Result<()> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) if v.as_f64() == Some(1.0) => Ok(()),
+        Some(v) => Err(Error::config(
+            path,
+            key,
+            format!("{v} is not supported (only 1: RoPE on the whole head)"),
+        )),
+    }
+}
+
+fn describe_scaling(s: &RopeScaling) -> String {
+    match s {
+        RopeScaling::None => "none (rope_type default)".into(),
+        RopeScaling::Linear { factor } => format!("linear, factor {factor}"),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => format!(
+            "llama3, factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor \
+             {high_freq_factor}, original_max_position_embeddings {original_max_position_embeddings}"
+        ),
     }
 }
 

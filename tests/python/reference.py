@@ -103,8 +103,19 @@ def random_model_logits(model_dir, out):
         save_file({"logits": m(ids).logits[0].contiguous()}, out)
 
 
+def resave_config(model_dir, out_dir):
+    """transformers' reading of model_dir/config.json, written to out_dir by its own save_pretrained
+    (the layout the installed transformers writes); prints the RoPE parameters it read, as JSON."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    c.save_pretrained(out_dir)
+    print(json.dumps(c.rope_parameters))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"logits": logits, "perplexity": perplexity, "tokenize": tokenize,
-     "gguf_quant_file": gguf_quant_file, "random_model_logits": random_model_logits}[cmd](*args)
+     "gguf_quant_file": gguf_quant_file, "random_model_logits": random_model_logits,
+     "resave_config": resave_config}[cmd](*args)
