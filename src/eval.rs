@@ -101,49 +101,52 @@ pub fn distill_metrics(
     let (mut nll_s, mut nll_t, mut kl, mut agree, mut wsum) =
         (zero()?, zero()?, zero()?, zero()?, zero()?);
     let mut n = 0usize;
-    tch::no_grad(|| -> Result<()> {
-        let idx: Vec<usize> = (0..seqs.len()).collect();
-        for rows in idx.chunks(batch.max(1)) {
-            let b = Batch::new(seqs, rows, device)?;
-            n += b.counted();
-            let (labels, w) = b.flat_targets()?; // (N), (N)
-            let s = student.forward(&b.ids)?.f_flatten(0, 1)?; // (N, Vs)
-            let t = teacher.prepare(&b, &[])?;
-            let t = t.positions(0, t.len())?;
-            let t = t.dense()?; // (N, Vt)
-            let v = s.size()[1].min(t.size()[1]);
-            let (s, t) = (s.f_narrow(1, 0, v)?, t.f_narrow(1, 0, v)?);
-            let w = w.f_to_kind(Kind::Double)?;
-            let counted = w.f_ne(0.0)?;
-            let safe = labels.f_clamp_min(0)?.f_unsqueeze(-1)?;
-            // Σ w·x over positions of weight > 0 (elsewhere x may be anything: it is selected away)
-            let weighted = |x: &Tensor| -> Result<Tensor> {
-                let x = x.f_to_kind(Kind::Double)?;
-                Ok(x.f_where_self(&counted, &x.f_zeros_like()?)?
-                    .f_mul(&w)?
-                    .f_sum(Kind::Double)?)
-            };
-            let nll = |logits: &Tensor| -> Result<Tensor> {
-                weighted(
-                    &logits
-                        .f_log_softmax(-1, Kind::Float)?
-                        .f_gather(-1, &safe, false)?
-                        .f_squeeze_dim(-1)?
-                        .f_neg()?,
-                )
-            };
-            nll_s = nll_s.f_add(&nll(&s)?)?;
-            nll_t = nll_t.f_add(&nll(&t)?)?;
-            kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(
-                &s, &t, 1.0,
-            )?)?)?;
-            let same = s
-                .f_argmax(-1, false)?
-                .f_eq_tensor(&t.f_argmax(-1, false)?)?;
-            agree = agree.f_add(&weighted(&same)?)?;
-            wsum = wsum.f_add(&w.f_sum(Kind::Double)?)?;
-        }
-        Ok(())
+    // the data's labels were checked when read; the teacher signal is a model's (finite) logits
+    crate::losses::trusted(|| {
+        tch::no_grad(|| -> Result<()> {
+            let idx: Vec<usize> = (0..seqs.len()).collect();
+            for rows in idx.chunks(batch.max(1)) {
+                let b = Batch::new(seqs, rows, device)?;
+                n += b.counted();
+                let (labels, w) = b.flat_targets()?; // (N), (N)
+                let s = student.forward(&b.ids)?.f_flatten(0, 1)?; // (N, Vs)
+                let t = teacher.prepare(&b, &[])?;
+                let t = t.positions(0, t.len())?;
+                let t = t.dense()?; // (N, Vt)
+                let v = s.size()[1].min(t.size()[1]);
+                let (s, t) = (s.f_narrow(1, 0, v)?, t.f_narrow(1, 0, v)?);
+                let w = w.f_to_kind(Kind::Double)?;
+                let counted = w.f_ne(0.0)?;
+                let safe = labels.f_clamp_min(0)?.f_unsqueeze(-1)?;
+                // Σ w·x over positions of weight > 0 (elsewhere x may be anything: it is selected away)
+                let weighted = |x: &Tensor| -> Result<Tensor> {
+                    let x = x.f_to_kind(Kind::Double)?;
+                    Ok(x.f_where_self(&counted, &x.f_zeros_like()?)?
+                        .f_mul(&w)?
+                        .f_sum(Kind::Double)?)
+                };
+                let nll = |logits: &Tensor| -> Result<Tensor> {
+                    weighted(
+                        &logits
+                            .f_log_softmax(-1, Kind::Float)?
+                            .f_gather(-1, &safe, false)?
+                            .f_squeeze_dim(-1)?
+                            .f_neg()?,
+                    )
+                };
+                nll_s = nll_s.f_add(&nll(&s)?)?;
+                nll_t = nll_t.f_add(&nll(&t)?)?;
+                kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(
+                    &s, &t, 1.0,
+                )?)?)?;
+                let same = s
+                    .f_argmax(-1, false)?
+                    .f_eq_tensor(&t.f_argmax(-1, false)?)?;
+                agree = agree.f_add(&weighted(&same)?)?;
+                wsum = wsum.f_add(&w.f_sum(Kind::Double)?)?;
+            }
+            Ok(())
+        })
     })?;
     let wsum = wsum.f_double_value(&[])?;
     if n == 0 || wsum <= 0.0 {

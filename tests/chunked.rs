@@ -39,7 +39,7 @@ fn chunked_objective_equals_unchunked() {
     let _ = labels.narrow(1, 10, 1).fill_(-100);
     let _ = labels.narrow(0, 1, 1).narrow(1, 0, 4).fill_(-100); // a prompt that does not count
     let t = |k: &str, p: &[(&str, f64)], w: f64| LossTerm::new(k, p, w).unwrap();
-    let objectives = vec![
+    let objectives = [
         vec![t("forward_kl", &[("temperature", 2.0)], 1.0)],
         vec![t("reverse_kl", &[], 1.0), t("cross_entropy", &[], 0.3)],
         vec![t("jsd", &[("beta", 0.3), ("temperature", 1.5)], 1.0)],
@@ -64,7 +64,7 @@ fn chunked_objective_equals_unchunked() {
         .iter()
         .flat_map(|t| [(t, &plain), (t, &fractional)])
     {
-        let obj = Objective::new(&terms, 10).unwrap();
+        let obj = Objective::new(terms, 10).unwrap();
         assert!(obj.chunkable());
         for (_, mut v) in student.vs.variables() {
             v.zero_grad();

@@ -149,7 +149,7 @@ fn the_order_is_seeded_and_resumes_exactly() {
     let state = c.state;
     let rest: Vec<usize> = (0..5).flat_map(|_| c.next_batch(3)).collect();
     let mut d = Sampler::new(10, 5);
-    d.restore(state);
+    d.restore(state).unwrap();
     assert_eq!(
         (0..5).flat_map(|_| d.next_batch(3)).collect::<Vec<_>>(),
         rest

@@ -101,7 +101,7 @@ impl OptimFile {
         }
         let grad_clip = match self.grad_clip {
             None => Some(1.0),
-            Some(c) if c == 0.0 => None,
+            Some(0.0) => None,
             Some(c) if c.is_finite() && c > 0.0 => Some(c),
             Some(c) => {
                 return Err(issue(

@@ -1,12 +1,12 @@
 //! The distillation recipe, top to bottom, in four phases:
-//!   1. set-up    models on the run's device and dtypes, data, objective, optimizer, the resumed
-//!                state: every check passes before the output folder is touched
-//!   2. before    the output folder is taken (locked; a previous run cleared only now, on
-//!                --overwrite), run.json written, the student evaluated
-//!   3. steps     for each optimizer step: micro-batches → train::step (teacher signal, student
-//!                forward, objective, backward) → clipping → AdamW; logs, evaluations, checkpoints
-//!   4. write-out the student folder, a closing summary record, then loss.png and report.md made
-//!                from the records
+//! 1. set-up: models on the run's device and dtypes, data, objective, optimizer, the resumed state;
+//!    every check passes before the output folder is touched.
+//! 2. before: the output folder is taken (locked; a previous run cleared only now, on
+//!    --overwrite), run.json written, the student evaluated.
+//! 3. steps: for each optimizer step, micro-batches → train::step (teacher signal, student forward,
+//!    objective, backward) → clipping → AdamW; logs, evaluations, checkpoints.
+//! 4. write-out: the student folder, a closing summary record, then loss.png and report.md made
+//!    from the records.
 use super::checkpoint;
 use super::faults::Faults;
 use super::optim::{lr_at, AdamW};
