@@ -44,6 +44,9 @@ print("| loss | distill ms | PyTorch ms | ratio | distill MiB | PyTorch MiB |")
 print("|---|---|---|---|---|---|")
 ref_by = {r["loss"]: r for r in lr}
 for r in lo:
-    p = ref_by[r["loss"]]
+    p = ref_by.get(r["loss"])  # the registry's kinds without a PyTorch reference get a dash
+    if p is None:
+        print(f"| {r['loss']} | {r['ms']:.0f} | — | — | {r['peak_rss_mib']:.0f} | — |")
+        continue
     print(f"| {r['loss']} | {r['ms']:.0f} | {p['ms']:.0f} | {p['ms']/r['ms']:.2f}x | {r['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} |")
 PY

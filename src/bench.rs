@@ -3,6 +3,7 @@
 //! is the process's resident high-water mark (VmHWM), reset (clear_refs) after loading so that it
 //! covers the measured work (the loaded weights stay resident and are included).
 use crate::data::{Batch, IGNORE_INDEX};
+use crate::losses::LossSpec;
 use crate::model::LoadedModel;
 use crate::objective::{LossTerm, Objective};
 use crate::teacher::{Live, TeacherDist};
@@ -230,7 +231,8 @@ pub struct LossReport {
 
 /// The parameters each kind is benched with where they differ from its defaults (the same as
 /// bench/reference_losses.py uses), and TAID's λ.
-const BENCH_PARAMS: &[(&str, &[(&str, f64)])] = &[("hinton", &[("temperature", 2.0)])];
+const BENCH_PARAMS: &[(&LossSpec, &[(&str, f64)])] =
+    &[(&crate::losses::hinton::HINTON, &[("temperature", 2.0)])];
 
 /// Forward + backward of each loss of the registry over random logits of `shape` (…, V): median ms
 /// and the memory high-water mark above what was resident before. Sinkhorn is left out: it compares
@@ -244,13 +246,16 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
     let labels = Tensor::randint(shape[shape.len() - 1], lead, (Kind::Int64, Device::Cpu));
     let weights = Tensor::ones(lead, (Kind::Float, Device::Cpu));
     let mut out = vec![];
-    for spec in registry::REGISTRY.iter().filter(|s| s.name != "sinkhorn") {
+    for spec in registry::REGISTRY
+        .iter()
+        .filter(|s| **s != &crate::losses::sinkhorn::SINKHORN)
+    {
         let given = BENCH_PARAMS
             .iter()
-            .find(|(n, _)| *n == spec.name)
+            .find(|(s, _)| *s == *spec)
             .map_or(&[][..], |(_, p)| *p);
         let mut loss = registry::build(spec.name, given, &BuildContext { total_steps: 1 })?;
-        if spec.name == "taid" {
+        if *spec == &crate::losses::taid::TAID {
             loss.restore(&serde_json::json!({"lambda": 0.5, "momentum": 0.0, "prev_loss": null}))?;
         }
         let mut times = vec![];

@@ -86,7 +86,7 @@ impl Objective {
         Ok(Objective { terms: out, names })
     }
 
-    /// Term names for logs ("forward_kl", "cross_entropy", a "#2" suffix for repeats).
+    /// Term names for logs: each kind's registry name, with a "#2" suffix for repeats.
     pub fn names(&self) -> &[String] {
         &self.names
     }

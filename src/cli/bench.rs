@@ -16,7 +16,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 512)]
         seq: usize,
         /// Any loss kind of the run file, with its default parameters
-        #[arg(long, default_value = "forward_kl")]
+        #[arg(long, default_value = distill::losses::kl::FORWARD_KL.name)]
         loss: String,
         #[arg(long, default_value_t = 3)]
         steps: usize,
