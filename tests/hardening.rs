@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use distill::model::{self, LlamaConfig, Tokenizer};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::Device;
 
 const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -58,21 +58,7 @@ impl Env {
 
     /// Every file under `rel` with its bytes.
     fn snapshot(&self, rel: &str) -> BTreeMap<PathBuf, Vec<u8>> {
-        fn walk(d: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-            if let Ok(rd) = std::fs::read_dir(d) {
-                for e in rd {
-                    let p = e.unwrap().path();
-                    if p.is_dir() {
-                        walk(&p, out);
-                    } else {
-                        out.insert(p.clone(), std::fs::read(&p).unwrap());
-                    }
-                }
-            }
-        }
-        let mut m = BTreeMap::new();
-        walk(&self.p(rel), &mut m);
-        m
+        snapshot(&self.p(rel))
     }
 
     /// `distill ARGS` fails with one line naming `needles`, and out/ is unchanged.

@@ -83,19 +83,7 @@ impl Env {
 
     /// Every file of out/ with its bytes.
     fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
-        fn walk(d: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-            for e in std::fs::read_dir(d).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    walk(&p, out);
-                } else {
-                    out.insert(p.clone(), std::fs::read(&p).unwrap());
-                }
-            }
-        }
-        let mut m = BTreeMap::new();
-        walk(&self.dir.path().join("out"), &mut m);
-        m
+        snapshot(&self.dir.path().join("out"))
     }
 
     /// Run with `text` as the run file (and --overwrite): it must fail cleanly naming `needles`, and

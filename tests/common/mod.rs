@@ -108,3 +108,23 @@ pub fn read_tensor(path: &Path, name: &str) -> tch::Tensor {
     let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
     tch::Tensor::from_data_size(v.data(), &shape, tch::Kind::Float)
 }
+
+/// Every file under `dir` with its bytes (empty when `dir` does not exist): to show that a
+/// refused command changed nothing.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(d: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.insert(p.clone(), std::fs::read(&p).unwrap());
+                }
+            }
+        }
+    }
+    let mut m = std::collections::BTreeMap::new();
+    walk(dir, &mut m);
+    m
+}
