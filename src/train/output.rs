@@ -94,10 +94,13 @@ impl RunOutput {
             Start::Resume(step) if metrics_path.exists() => read_to_string(&metrics_path)?
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(Value::as_u64))
-                        .is_some_and(|s| s as usize <= step)
+                    // the records up to the checkpoint; a closing summary is written anew
+                    serde_json::from_str::<Value>(l).ok().is_some_and(|v| {
+                        v.get("kind").and_then(Value::as_str) != Some("summary")
+                            && v.get("step")
+                                .and_then(Value::as_u64)
+                                .is_some_and(|s| s as usize <= step)
+                    })
                 })
                 .map(|l| format!("{l}\n"))
                 .collect::<String>(),
