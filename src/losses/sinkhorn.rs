@@ -2,8 +2,8 @@
 //! batch-wise over the N rows of [N, C] logits:
 //!   W_ij = Σ_c |softmax(s_i/T)_c − softmax(t_j/T)_c|        (L1 cost between rows, N×N)
 //!   K = exp(−W/ε);  `iters` Sinkhorn iterations of K give P, one iteration = a row normalisation
-//!   (each row sums to 1) followed by a column normalisation (each column sums to 1), as in
-//!   SinKD's code and its paper's algorithm
+//!   (each row sums to 1) followed by a column normalisation (each column sums to 1), as SinKD's
+//!   published code counts them
 //!   loss = Σ_ij P_ij·W_ij                                   (SinKD's defaults: ε = 0.1, 20 iterations)
 //! The normalisations run in log space (log K = −W/ε, subtract logsumexp), the same P without
 //! underflow. The gradient flows through W and through P (a differentiable Sinkhorn).
