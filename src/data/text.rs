@@ -1,4 +1,5 @@
-//! Plain text: each file is one document, every token a target, EOS appended.
+//! Plain text: each file is one document, every token a target, EOS appended. A long file is
+//! tokenised in pieces by `Tokenizer::encode` (the ids of the whole text, the memory of one piece).
 use super::Example;
 use crate::model::Tokenizer;
 use crate::{Error, Result};

@@ -1,6 +1,11 @@
 //! The tokenizer: Hugging Face `tokenizer.json` (crate `tokenizers`) plus what
 //! `tokenizer_config.json` adds (special tokens, chat template); or the same built from GGUF metadata
 //! (GPT-2-style byte-level BPE with merges). The chat template renders with minijinja.
+//!
+//! Long texts are encoded in pieces (`encode`): the `tokenizers` crate holds about 100–250 bytes per
+//! input byte while it encodes (offsets, alignments, strings), so one 10 MB line would take 1–2.5 GB.
+//! The pieces end where every pre-tokenizer accepted here splits anyway (`split_for_encoding`), so
+//! the ids equal those of the whole text, and the memory is that of one piece.
 use super::gguf::{GgufFile, Value as GValue};
 use crate::io::{read_to_string, write_atomic};
 use crate::{Error, Result};
@@ -18,6 +23,135 @@ pub struct Tokenizer {
     pub pad_token: Option<String>,
     pub unk_token: Option<String>,
     pub model_max_length: Option<usize>,
+    /// Set when long texts may be encoded in pieces (`pieces_are_exact`): the ids that
+    /// `add_special_tokens` puts before and after a text.
+    pieces: Option<Affixes>,
+}
+
+#[derive(Clone, Debug)]
+struct Affixes {
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
+}
+
+/// Texts longer than this are encoded in pieces of at least this many bytes (see `encode`).
+pub const PIECE_BYTES: usize = 256 * 1024;
+
+/// The split patterns of the `llama-bpe` and `qwen2` pre-tokenizers (llama.cpp's names).
+const LLAMA_BPE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Is byte `i` of `b` a split point: an ASCII letter or digit before it, and a space, tab, newline or
+/// carriage return at it (see `pieces_are_exact` for why every accepted pre-tokenizer splits there).
+fn is_split_point(b: &[u8], i: usize) -> bool {
+    i > 0
+        && i < b.len()
+        && b[i - 1].is_ascii_alphanumeric()
+        && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// `text` cut into pieces of at least `piece_bytes` bytes, each (but the last) ending at the first
+/// split point after that length; a stretch without split points stays in one piece.
+pub fn split_for_encoding(text: &str, piece_bytes: usize) -> Vec<&str> {
+    let b = text.as_bytes();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while start < b.len() {
+        let from = start.saturating_add(piece_bytes.max(1));
+        let end = (from..b.len())
+            .find(|&i| is_split_point(b, i))
+            .unwrap_or(b.len());
+        // a split point's byte is ASCII, so `end` is a char boundary
+        pieces.push(&text[start..end]);
+        start = end;
+    }
+    pieces
+}
+
+/// Whether encoding the pieces of `split_for_encoding` one by one gives the ids of the whole text,
+/// judged from the `tokenizer.json` value. A split point (an ASCII letter or digit, then a space,
+/// tab, newline or carriage return) is a split of every pre-tokenizer accepted here:
+/// - GPT-2's pattern (`ByteLevel` with `use_regex`, `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|
+///   ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`): the alternatives that can hold a letter or digit
+///   (the contractions, ` ?\p{L}+`, ` ?\p{N}+`) take no whitespace after it, so the match holding
+///   byte i−1 ends at i, in the whole text and in the piece alike (its run stops at the whitespace,
+///   or at the piece's end); the only lookahead, in `\s+(?!\S)`, belongs to a whitespace-only
+///   alternative, which cannot hold byte i−1; every character is matched by some alternative, so the
+///   matches tile the text and the next one starts at i in both. No lookbehind exists.
+/// - llama-bpe and qwen2's split patterns: the alternatives that can hold a letter or digit
+///   (`(?i:'s|…)`, `[^\r\n\p{L}\p{N}]?\p{L}+`, `\p{N}{1,3}` or `\p{N}`) take no whitespace
+///   after it either (`\p{N}{1,3}` groups digits from the start of their run, before i in both);
+///   the argument is the same. Punctuation is not a split point: ` ?[^\s\p{L}\p{N}]+[\r\n]*`
+///   takes the newlines after it.
+/// - `Digits` splits around digits only, before the byte-level pattern.
+/// - Added tokens are matched before the pre-tokenizer: none may contain whitespace (so none
+///   crosses a split point) or strip whitespace or need word boundaries (lstrip, rstrip,
+///   single_word), whose matches look across it.
+/// - Normaliser: none, or NFC (which never composes across whitespace).
+/// - No truncation, no padding, no BPE dropout.
+///
+/// Anything else (another pre-tokenizer, `add_prefix_space`, a normaliser such as a lowercase) is
+/// not judged, and such tokenizers encode long texts whole.
+fn pieces_are_exact(tj: &Value) -> bool {
+    let is = |v: &Value, ty: &str| v.get("type").and_then(Value::as_str) == Some(ty);
+    let flag = |v: &Value, key: &str| v.get(key).and_then(Value::as_bool);
+    let byte_level = |v: &Value, regex: bool| {
+        is(v, "ByteLevel")
+            && flag(v, "add_prefix_space") == Some(false)
+            && flag(v, "use_regex").unwrap_or(true) == regex
+    };
+    let pre = &tj["pre_tokenizer"];
+    let steps: Vec<&Value> = if is(pre, "Sequence") {
+        pre["pretokenizers"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    } else {
+        vec![pre]
+    };
+    let pre_ok = match steps.as_slice() {
+        [b] => byte_level(b, true),
+        [d, b] if is(d, "Digits") => byte_level(b, true),
+        [sp, b] if is(sp, "Split") => {
+            matches!(
+                sp["pattern"]["Regex"].as_str(),
+                Some(r) if r == LLAMA_BPE_REGEX || r == QWEN2_REGEX
+            ) && sp["behavior"].as_str() == Some("Isolated")
+                && flag(sp, "invert") != Some(true)
+                && byte_level(b, false)
+        }
+        _ => false,
+    };
+    let normalizer_ok = tj["normalizer"].is_null() || is(&tj["normalizer"], "NFC");
+    let added_ok = tj["added_tokens"].as_array().is_none_or(|a| {
+        a.iter().all(|t| {
+            let content = t["content"].as_str().unwrap_or(" ");
+            !content.contains([' ', '\t', '\n', '\r'])
+                && ["lstrip", "rstrip", "single_word"]
+                    .iter()
+                    .all(|k| flag(t, k) != Some(true))
+        })
+    });
+    let post = &tj["post_processor"];
+    let post_steps: Vec<&Value> = if is(post, "Sequence") {
+        post["processors"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    } else {
+        vec![post]
+    };
+    let post_ok = post_steps
+        .iter()
+        .all(|p| p.is_null() || is(p, "ByteLevel") || is(p, "TemplateProcessing"));
+    let dropout_ok = tj["model"]["dropout"].as_f64().is_none_or(|d| d == 0.0);
+    pre_ok
+        && normalizer_ok
+        && added_ok
+        && post_ok
+        && dropout_ok
+        && tj["truncation"].is_null()
+        && tj["padding"].is_null()
 }
 
 /// One turn of a conversation.
@@ -45,10 +179,10 @@ fn pre_tokenizer_for(pre: &str, path: &Path) -> Result<Value> {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            split(LLAMA_BPE_REGEX),
             byte_level(false)]}),
         "qwen2" => json!({"type": "Sequence", "pretokenizers": [
-            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            split(QWEN2_REGEX),
             byte_level(false)]}),
         other => {
             return Err(Error::config(
@@ -65,6 +199,9 @@ impl Tokenizer {
     pub fn from_json(json_text: String, config: Option<&Value>, path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json_text.as_bytes())
             .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))?;
+        let pieces_ok = serde_json::from_str::<Value>(&json_text)
+            .map(|v| pieces_are_exact(&v))
+            .unwrap_or(false);
         let cfg = |k: &str| config.and_then(|c| c.get(k));
         let chat_template = match cfg("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -75,7 +212,7 @@ impl Tokenizer {
                 .map(str::to_string),
             _ => None,
         };
-        Ok(Tokenizer {
+        let mut tok = Tokenizer {
             inner,
             json: json_text,
             chat_template,
@@ -86,7 +223,31 @@ impl Tokenizer {
             model_max_length: cfg("model_max_length")
                 .and_then(Value::as_u64)
                 .map(|x| x as usize),
-        })
+            pieces: None,
+        };
+        if pieces_ok {
+            tok.pieces = tok.special_affixes()?;
+        }
+        Ok(tok)
+    }
+
+    /// The ids `add_special_tokens` puts before and after a text (a post-processor's template),
+    /// found by encoding one letter with and without them; None when the letter's ids do not
+    /// appear whole inside the longer encoding.
+    fn special_affixes(&self) -> Result<Option<Affixes>> {
+        let (with, without) = (
+            self.encode_whole("a", true)?,
+            self.encode_whole("a", false)?,
+        );
+        if without.is_empty() || with.len() < without.len() {
+            return Ok(None);
+        }
+        Ok((0..=with.len() - without.len())
+            .find(|&k| with[k..k + without.len()] == without[..])
+            .map(|k| Affixes {
+                prefix: with[..k].to_vec(),
+                suffix: with[k + without.len()..].to_vec(),
+            }))
     }
 
     /// Read `tokenizer.json` (+ `tokenizer_config.json`, and `chat_template.jinja` if present) from a
@@ -285,13 +446,51 @@ impl Tokenizer {
         )
     }
 
+    /// The ids of `text`, with the special tokens of the post-processor when `add_special_tokens`.
+    /// A text longer than `PIECE_BYTES` is encoded in pieces (the same ids, the memory of one
+    /// piece) when the tokenizer allows it (`encodes_in_pieces`), else whole.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.encode_in_pieces(text, add_special_tokens, PIECE_BYTES)
+    }
+
+    /// `encode` with pieces of at least `piece_bytes` bytes (`split_for_encoding`); the whole text
+    /// in one call when it is no longer than that or the tokenizer does not allow pieces.
+    pub fn encode_in_pieces(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        piece_bytes: usize,
+    ) -> Result<Vec<u32>> {
+        let affixes = match &self.pieces {
+            Some(a) if text.len() > piece_bytes => a,
+            _ => return self.encode_whole(text, add_special_tokens),
+        };
+        let mut ids = Vec::new();
+        if add_special_tokens {
+            ids.extend_from_slice(&affixes.prefix);
+        }
+        for piece in split_for_encoding(text, piece_bytes) {
+            ids.extend(self.encode_whole(piece, false)?);
+        }
+        if add_special_tokens {
+            ids.extend_from_slice(&affixes.suffix);
+        }
+        Ok(ids)
+    }
+
+    /// The ids of `text` from one call of the underlying tokenizer, whatever its length.
+    pub fn encode_whole(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         Ok(self
             .inner
             .encode(text, add_special_tokens)
             .map_err(|e| Error::Tokenizer(e.to_string()))?
             .get_ids()
             .to_vec())
+    }
+
+    /// Whether long texts are encoded in pieces (see `pieces_are_exact` for the tokenizers that are).
+    pub fn encodes_in_pieces(&self) -> bool {
+        self.pieces.is_some()
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
