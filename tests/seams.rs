@@ -310,7 +310,9 @@ fn a_bf16_teacher_agrees_with_f32_within_bf16_rounding() {
     let mut cfg = LlamaConfig::tiny(97, 64, 2, 4, 2);
     cfg.tie_word_embeddings = false;
     let f32m = model::random(&cfg, Device::Cpu, 4).unwrap();
-    let mut bf = model::random(&cfg, Device::Cpu, 4).unwrap();
+    // the same weights (copied: the global RNG is shared with tests running in parallel)
+    let mut bf = model::random(&cfg, Device::Cpu, 5).unwrap();
+    bf.vs.copy(&f32m.vs).unwrap();
     bf.vs.set_kind(Kind::BFloat16);
     bf.model.set_compute_kind(Kind::BFloat16);
     let ids = Tensor::from_slice(&[3i64, 14, 15, 92, 65, 35, 89, 79]).view([2, 4]);
