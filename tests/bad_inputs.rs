@@ -153,3 +153,86 @@ fn a_tokenizer_larger_than_the_model_is_one_clear_line() {
         &["token id 122 is outside the model's vocabulary of 64"],
     );
 }
+
+use std::path::Path;
+
+fn inspect(path: &Path) -> std::process::Output {
+    distill(&["inspect", path.to_str().unwrap()])
+}
+
+#[test]
+fn weight_files_that_are_folders_or_broken_links_are_named() {
+    use std::os::unix::fs::symlink;
+    // model.safetensors a folder: mmap would say "No such device (os error 19)"
+    let dir = tiny_folder();
+    let st = dir.path().join("model.safetensors");
+    std::fs::remove_file(&st).unwrap();
+    std::fs::create_dir(&st).unwrap();
+    assert_clean_failure(
+        &inspect(dir.path()),
+        &[st.to_str().unwrap(), "is a folder, expected a file"],
+    );
+    // a link to itself: "Too many levels of symbolic links" without a name, or "no
+    // model.safetensors in this folder" although there is one
+    std::fs::remove_dir(&st).unwrap();
+    symlink(&st, &st).unwrap();
+    assert_clean_failure(
+        &inspect(dir.path()),
+        &[st.to_str().unwrap(), "symbolic link loop"],
+    );
+    // a link to nothing
+    std::fs::remove_file(&st).unwrap();
+    symlink(dir.path().join("gone.safetensors"), &st).unwrap();
+    assert_clean_failure(
+        &inspect(dir.path()),
+        &[st.to_str().unwrap(), "gone.safetensors", "does not exist"],
+    );
+    // config.json a folder
+    let dir = tiny_folder();
+    let cfg = dir.path().join("config.json");
+    std::fs::remove_file(&cfg).unwrap();
+    std::fs::create_dir(&cfg).unwrap();
+    assert_clean_failure(
+        &inspect(dir.path()),
+        &[cfg.to_str().unwrap(), "is a folder, expected a file"],
+    );
+    // the model path itself a pair of links to each other
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    symlink(&b, &a).unwrap();
+    symlink(&a, &b).unwrap();
+    assert_clean_failure(&inspect(&a), &[a.to_str().unwrap(), "symbolic link loop"]);
+}
+
+#[test]
+fn data_files_that_start_with_a_byte_order_mark_read_as_without_it() {
+    let tok = distill::model::Tokenizer::byte_level(&["<|endoftext|>"]).unwrap();
+    let eos = Some(256);
+    let dir = tempfile::tempdir().unwrap();
+    type Reader = fn(
+        &Path,
+        &distill::model::Tokenizer,
+        Option<u32>,
+    ) -> distill::Result<Vec<distill::data::Example>>;
+    let cases: [(&str, &str, Reader); 2] = [
+        (
+            "data.jsonl",
+            "{\"text\": \"hello\"}\n{\"prompt\": \"a\", \"response\": \"b\"}\n",
+            distill::data::jsonl::read,
+        ),
+        ("data.txt", "hello\nworld\n", distill::data::text::read),
+    ];
+    for (name, body, read) in cases {
+        let plain = dir.path().join(name);
+        std::fs::write(&plain, body).unwrap();
+        let marked = dir.path().join(format!("bom-{name}"));
+        std::fs::write(&marked, format!("\u{feff}{body}")).unwrap();
+        let want = read(&plain, &tok, eos).unwrap();
+        let got = read(&marked, &tok, eos).unwrap();
+        assert!(!want.is_empty());
+        assert_eq!(got, want, "{name}");
+        // and the first example starts with the text itself, not with a mark
+        let hello = tok.encode("hello", false).unwrap();
+        assert_eq!(&got[0].ids[..hello.len()], hello.as_slice(), "{name}");
+    }
+}

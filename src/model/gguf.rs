@@ -244,10 +244,10 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::io::open_file(path)?;
         // SAFETY: the file is only read; a concurrent truncation by another process is outside our control
         // as for any mmap-based reader (llama.cpp, safetensors).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::io::error(path, e))?;
         let mut c = Cursor {
             buf: &mmap,
             pos: 0,

@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`), tokenizer files and `generation_config.json`; read and written.
 use super::config::LlamaConfig;
 use super::tokenizer::Tokenizer;
-use crate::io::{read_to_string, write_atomic};
+use crate::io::{self, read_to_string, write_atomic};
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -13,7 +13,7 @@ use tch::{nn, Kind, Tensor};
 /// The safetensors files of a folder: the shards of the index, or the single `model.safetensors`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
+    if io::exists(&index)? {
         let v: Value = serde_json::from_str(&read_to_string(&index)?)
             .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
         let map = v
@@ -30,7 +30,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(files);
     }
     let single = dir.join("model.safetensors");
-    if single.exists() {
+    if io::exists(&single)? {
         return Ok(vec![single]);
     }
     Err(Error::format(
@@ -64,9 +64,9 @@ pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, BTreeMap<Str
 }
 
 fn read_file(file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
-    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let f = io::open_file(file)?;
     // SAFETY: read-only map of a file we do not modify.
-    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
+    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io::error(file, e))?;
     let st = SafeTensors::deserialize(&mmap)
         .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();

@@ -5,7 +5,7 @@ pub mod hf;
 pub mod llama;
 pub mod tokenizer;
 
-use crate::io::read_to_string;
+use crate::io::{self, read_to_string};
 use crate::{Error, Result};
 pub use config::{Arch, LlamaConfig, RopeScaling};
 use gguf::{GgufFile, Value as GValue};
@@ -60,21 +60,23 @@ pub fn random(config: &LlamaConfig, device: Device, seed: i64) -> Result<LoadedM
 
 /// Load a model from a Hugging Face folder or a `.gguf` file.
 pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
-    if path.is_dir() {
-        load_hf(path, device)
-    } else if path.is_file() {
-        load_gguf(path, device)
-    } else {
-        Err(Error::format(
+    match io::metadata(path)? {
+        Some(m) if m.is_dir() => load_hf(path, device),
+        Some(m) if m.is_file() => load_gguf(path, device),
+        Some(_) => Err(Error::format(
+            path,
+            "not a file or folder: expected a Hugging Face folder or a .gguf file",
+        )),
+        None => Err(Error::format(
             path,
             "no such model: expected a Hugging Face folder or a .gguf file",
-        ))
+        )),
     }
 }
 
 fn load_hf(dir: &Path, device: Device) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    if !cfg_path.exists() {
+    if !io::exists(&cfg_path)? {
         return Err(Error::format(
             dir,
             "not a Hugging Face model folder: no config.json",
@@ -87,7 +89,7 @@ fn load_hf(dir: &Path, device: Device) -> Result<LoadedModel> {
     hf::load_into(&vs, &tensors, dir)?;
     let tokenizer = tokenizer::Tokenizer::from_hf_dir(dir)?;
     let gen_path = dir.join("generation_config.json");
-    let generation_config = if gen_path.exists() {
+    let generation_config = if io::exists(&gen_path)? {
         Some(
             serde_json::from_str(&read_to_string(&gen_path)?)
                 .map_err(|e| Error::format(&gen_path, format!("not valid JSON: {e}")))?,
