@@ -67,7 +67,21 @@ fn read_file(file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
     let f = io::open_file(file)?;
     // SAFETY: read-only map of a file we do not modify.
     let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io::error(file, e))?;
-    let st = SafeTensors::deserialize(&mmap)
+    parse_file(&mmap, file)
+}
+
+/// Every tensor of a safetensors file held in memory, as f32 on the CPU; `file` names it in errors.
+/// The header is checked whole (offsets, lengths, shapes against the data) before any tensor is
+/// made, so what this allocates is bounded by the bytes given.
+pub fn parse_safetensors(bytes: &[u8], file: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(parse_file(bytes, file)?
+        .into_iter()
+        .map(|(k, (t, _))| (k, t))
+        .collect())
+}
+
+fn parse_file(bytes: &[u8], file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
@@ -77,7 +91,19 @@ fn read_file(file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
                 format!("tensor '{name}': dtype {:?} is not supported", view.dtype()),
             )
         })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        // safetensors has checked that the data's length is the shape's product times the dtype's
+        // size; a dim beyond i64 can still hide behind another dim of 0
+        let shape = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| {
+                Error::format(
+                    file,
+                    format!("tensor '{name}': shape {:?} is out of range", view.shape()),
+                )
+            })?;
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?;
         out.insert(name, (t, view.dtype()));
     }
