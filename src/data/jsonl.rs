@@ -12,6 +12,8 @@ use std::path::Path;
 
 pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Example>> {
     let text = crate::io::read_to_string(path)?;
+    // a UTF-8 byte-order mark (as some Windows editors write) is not part of the first record
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

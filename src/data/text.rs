@@ -6,7 +6,11 @@ use crate::{Error, Result};
 use std::path::Path;
 
 pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Example>> {
-    let bytes = crate::io::read(path)?;
+    let mut bytes = crate::io::read(path)?;
+    // a UTF-8 byte-order mark (as some Windows editors write) is not text
+    if bytes.starts_with("\u{feff}".as_bytes()) {
+        bytes.drain(..3);
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         Error::format(
             path,

@@ -136,7 +136,93 @@ impl LlamaConfig {
                 return bad(key, "must be positive".into());
             }
         }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings", "must be positive".into());
+        }
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bad(key, format!("must be a positive finite number, got {v}"))
+            }
+        };
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("rope_scaling.factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("rope_scaling.factor", factor)?;
+                positive("rope_scaling.low_freq_factor", low_freq_factor)?;
+                positive("rope_scaling.high_freq_factor", high_freq_factor)?;
+                positive(
+                    "rope_scaling.original_max_position_embeddings",
+                    original_max_position_embeddings,
+                )?;
+                // the smoothing between the two wavelengths divides by their difference
+                if high_freq_factor <= low_freq_factor {
+                    return bad(
+                        "rope_scaling.high_freq_factor",
+                        format!(
+                            "{high_freq_factor} must exceed low_freq_factor = {low_freq_factor}"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window", "must be positive (or null)".into());
+        }
+        // Every weight's element count, and their sum, must fit libtorch's i64 sizes; a config
+        // beyond that cannot describe real weights (checked here so that no product overflows later).
+        if self
+            .checked_num_params()
+            .is_none_or(|n| n > i64::MAX as u128)
+        {
+            let (key, v) = [
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.num_key_value_heads),
+                ("head_dim", self.head_dim),
+            ]
+            .into_iter()
+            .max_by_key(|&(_, v)| v)
+            .expect("a non-empty list");
+            return bad(
+                key,
+                format!("{v} makes the parameter count exceed 2^63: not a real model"),
+            );
+        }
         Ok(())
+    }
+
+    /// `num_params` in u128 arithmetic, None if even that overflows.
+    fn checked_num_params(&self) -> Option<u128> {
+        let n = |x: usize| x as u128;
+        let (d, f, v, l) = (
+            n(self.hidden_size),
+            n(self.intermediate_size),
+            n(self.vocab_size),
+            n(self.num_hidden_layers),
+        );
+        let q = n(self.num_attention_heads).checked_mul(n(self.head_dim))?;
+        let kv = n(self.num_key_value_heads).checked_mul(n(self.head_dim))?;
+        // per layer: q, k, v, o projections with biases, three MLP matrices with biases, two norms
+        let attn = d.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        let mlp = d.checked_mul(f)?.checked_mul(3)?;
+        let layer = [attn, mlp, q, kv, kv, d, d, d, d, f, f]
+            .into_iter()
+            .try_fold(0u128, u128::checked_add)?;
+        let embed = v.checked_mul(d)?.checked_mul(2)?;
+        l.checked_mul(layer)?.checked_add(embed)?.checked_add(d)
     }
 
     /// Parse a Hugging Face `config.json` (Llama, Mistral or Qwen2).

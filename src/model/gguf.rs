@@ -108,6 +108,22 @@ impl GgmlType {
             other => GgmlType::Other(other),
         }
     }
+    fn to_u32(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::BF16 => 30,
+            GgmlType::Other(t) => t,
+        }
+    }
     /// (elements per block, bytes per block); None for types this reader cannot dequantise.
     pub fn block(self) -> Option<(usize, usize)> {
         Some(match self {
@@ -147,8 +163,12 @@ impl TensorInfo {
     pub fn shape(&self) -> Vec<i64> {
         self.dims.iter().rev().map(|&d| d as i64).collect()
     }
+    /// The element count; reading the file checked that it fits in an i64 (saturates otherwise).
     pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .unwrap_or(u64::MAX)
     }
 }
 
@@ -158,7 +178,23 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
-    mmap: memmap2::Mmap,
+    bytes: Bytes,
+}
+
+/// The file's bytes: mapped from disk, or given (`GgufFile::from_bytes`).
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 struct Cursor<'a> {
@@ -213,8 +249,17 @@ impl<'a> Cursor<'a> {
             9 if depth < 4 => {
                 let elem = self.u32(what)?;
                 let n = self.u64(what)? as usize;
-                // each element takes at least one byte: a count beyond the file is corrupt
-                if n > self.buf.len() - self.pos {
+                // each element takes at least `min_bytes` of the file: a count beyond it is corrupt
+                // (and so the array's memory is bounded by the file's length)
+                let min_bytes = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    _ => 1,
+                };
+                if n > (self.buf.len() - self.pos) / min_bytes {
                     return Err(Error::format(
                         self.path,
                         format!("{what}: truncated: array of {n} elements exceeds the file"),
@@ -244,12 +289,21 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::io::open_file(path)?;
         // SAFETY: the file is only read; a concurrent truncation by another process is outside our control
         // as for any mmap-based reader (llama.cpp, safetensors).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::io::error(path, e))?;
+        Self::parse(Bytes::Mapped(mmap), path)
+    }
+
+    /// Read a GGUF file held in memory; `path` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        Self::parse(Bytes::Owned(bytes), path)
+    }
+
+    fn parse(bytes: Bytes, path: &Path) -> Result<Self> {
         let mut c = Cursor {
-            buf: &mmap,
+            buf: &bytes,
             pos: 0,
             path,
         };
@@ -292,6 +346,16 @@ impl GgufFile {
             let dims = (0..n_dims)
                 .map(|_| c.u64(&format!("dims of tensor '{name}'")))
                 .collect::<Result<Vec<_>>>()?;
+            let fits = dims
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d))
+                .is_some_and(|n| n <= i64::MAX as u64);
+            if !fits || dims.iter().any(|&d| d > i64::MAX as u64) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor '{name}': dims {dims:?} hold more than 2^63 elements"),
+                ));
+            }
             let ggml_type = GgmlType::from_u32(c.u32(&format!("type of tensor '{name}'"))?);
             let offset = c.u64(&format!("offset of tensor '{name}'"))?;
             tensors.push(TensorInfo {
@@ -313,7 +377,7 @@ impl GgufFile {
             metadata,
             tensors,
             data_start,
-            mmap,
+            bytes,
         };
         for t in &f.tensors {
             f.tensor_bytes(t)?; // every tensor's bytes lie inside the file
@@ -353,9 +417,9 @@ impl GgufFile {
         match (start, size) {
             (Some(s), Some(n))
                 if s.checked_add(n)
-                    .is_some_and(|e| e <= self.mmap.len() as u64) =>
+                    .is_some_and(|e| e <= self.bytes.len() as u64) =>
             {
-                Ok(&self.mmap[s as usize..(s + n) as usize])
+                Ok(&self.bytes[s as usize..(s + n) as usize])
             }
             _ => Err(Error::format(
                 &self.path,
@@ -364,7 +428,7 @@ impl GgufFile {
                     t.name,
                     size.unwrap_or(u64::MAX),
                     start.unwrap_or(u64::MAX),
-                    self.mmap.len()
+                    self.bytes.len()
                 ),
             )),
         }
@@ -377,6 +441,85 @@ impl GgufFile {
         dequantize_into(t.ggml_type, bytes, &mut out);
         Ok(out)
     }
+}
+
+impl Value {
+    /// The metadata type code GGUF stores before a value of this kind.
+    fn type_code(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::U8(x) => out.push(*x),
+            Value::I8(x) => out.extend(x.to_le_bytes()),
+            Value::U16(x) => out.extend(x.to_le_bytes()),
+            Value::I16(x) => out.extend(x.to_le_bytes()),
+            Value::U32(x) => out.extend(x.to_le_bytes()),
+            Value::I32(x) => out.extend(x.to_le_bytes()),
+            Value::F32(x) => out.extend(x.to_le_bytes()),
+            Value::Bool(x) => out.push(*x as u8),
+            Value::String(x) => write_string(out, x),
+            Value::Array(items) => {
+                // GGUF arrays are homogeneous: the first item's type stands for all (u8 when empty)
+                out.extend(items.first().map_or(0, Value::type_code).to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|v| v.write(out));
+            }
+            Value::U64(x) => out.extend(x.to_le_bytes()),
+            Value::I64(x) => out.extend(x.to_le_bytes()),
+            Value::F64(x) => out.extend(x.to_le_bytes()),
+        }
+    }
+}
+
+fn write_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// A GGUF v3 file's bytes (alignment 32): `metadata` in order, then `tensors` as (name, dims
+/// innermost first, type, stored bytes), each tensor's data aligned. The inverse of
+/// [`GgufFile::open`]; the caller gives bytes of the size the type and dims need.
+pub fn encode(metadata: &[(&str, Value)], tensors: &[(&str, &[u64], GgmlType, &[u8])]) -> Vec<u8> {
+    const ALIGN: usize = 32;
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, v) in metadata {
+        write_string(&mut out, key);
+        out.extend(v.type_code().to_le_bytes());
+        v.write(&mut out);
+    }
+    let mut offset = 0usize;
+    for (name, dims, ty, bytes) in tensors {
+        write_string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+        out.extend(ty.to_u32().to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset = (offset + bytes.len()).div_ceil(ALIGN) * ALIGN;
+    }
+    for (_, _, _, bytes) in tensors {
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        out.extend_from_slice(bytes);
+    }
+    out
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

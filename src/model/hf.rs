@@ -2,7 +2,7 @@
 //! `model.safetensors.index.json`), tokenizer files and `generation_config.json`; read and written.
 use super::config::LlamaConfig;
 use super::tokenizer::Tokenizer;
-use crate::io::{read_to_string, write_atomic};
+use crate::io::{self, read_to_string, write_atomic};
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -13,7 +13,7 @@ use tch::{nn, Kind, Tensor};
 /// The safetensors files of a folder: the shards of the index, or the single `model.safetensors`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
+    if io::exists(&index)? {
         let v: Value = serde_json::from_str(&read_to_string(&index)?)
             .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
         let map = v
@@ -30,7 +30,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(files);
     }
     let single = dir.join("model.safetensors");
-    if single.exists() {
+    if io::exists(&single)? {
         return Ok(vec![single]);
     }
     Err(Error::format(
@@ -64,10 +64,24 @@ pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, BTreeMap<Str
 }
 
 fn read_file(file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
-    let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let f = io::open_file(file)?;
     // SAFETY: read-only map of a file we do not modify.
-    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(file, e))?;
-    let st = SafeTensors::deserialize(&mmap)
+    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io::error(file, e))?;
+    parse_file(&mmap, file)
+}
+
+/// Every tensor of a safetensors file held in memory, as f32 on the CPU; `file` names it in errors.
+/// The header is checked whole (offsets, lengths, shapes against the data) before any tensor is
+/// made, so what this allocates is bounded by the bytes given.
+pub fn parse_safetensors(bytes: &[u8], file: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(parse_file(bytes, file)?
+        .into_iter()
+        .map(|(k, (t, _))| (k, t))
+        .collect())
+}
+
+fn parse_file(bytes: &[u8], file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
@@ -77,7 +91,19 @@ fn read_file(file: &Path) -> Result<HashMap<String, (Tensor, Dtype)>> {
                 format!("tensor '{name}': dtype {:?} is not supported", view.dtype()),
             )
         })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        // safetensors has checked that the data's length is the shape's product times the dtype's
+        // size; a dim beyond i64 can still hide behind another dim of 0
+        let shape = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| {
+                Error::format(
+                    file,
+                    format!("tensor '{name}': shape {:?} is out of range", view.shape()),
+                )
+            })?;
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?;
         out.insert(name, (t, view.dtype()));
     }

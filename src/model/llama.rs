@@ -22,15 +22,24 @@ fn lin(l: &nn::Linear, x: &Tensor) -> Tensor {
     )
 }
 
-fn init_linear(bias: bool) -> nn::LinearConfig {
-    nn::LinearConfig {
-        ws_init: nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        },
-        bs_init: Some(nn::Init::Const(0.0)),
-        bias,
-    }
+const INIT: nn::Init = nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
+/// A linear layer `in_dim → out_dim` as tch's `nn::linear` builds it (bias "bias" zero, then weight
+/// "weight" (out, in) normal with std 0.02), but returning an error where tch would panic (an
+/// allocation libtorch refuses).
+fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Result<nn::Linear> {
+    let bs = if bias {
+        Some(p.f_var("bias", &[out_dim], nn::Init::Const(0.0))?)
+    } else {
+        None
+    };
+    Ok(nn::Linear {
+        ws: p.f_var("weight", &[out_dim, in_dim], INIT)?,
+        bs,
+    })
 }
 
 #[derive(Debug)]
@@ -40,11 +49,11 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
-        RmsNorm {
-            weight: p.var("weight", &[dim], nn::Init::Const(1.0)),
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: p.f_var("weight", &[dim], nn::Init::Const(1.0))?,
             eps,
-        }
+        })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         // (…, d): x / sqrt(mean(x²) + eps) · w, normalised in f32 as transformers does, then cast
@@ -93,19 +102,19 @@ fn repeat_kv(x: Tensor, n_rep: i64) -> Tensor {
 }
 
 impl Attention {
-    fn new(p: nn::Path, c: &LlamaConfig) -> Self {
+    fn new(p: nn::Path, c: &LlamaConfig) -> Result<Self> {
         let d = c.hidden_size as i64;
         let hd = c.head_dim as i64;
         let (nh, nkv) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
-        Attention {
-            q_proj: nn::linear(&p / "q_proj", d, nh * hd, init_linear(c.qkv_bias)),
-            k_proj: nn::linear(&p / "k_proj", d, nkv * hd, init_linear(c.qkv_bias)),
-            v_proj: nn::linear(&p / "v_proj", d, nkv * hd, init_linear(c.qkv_bias)),
-            o_proj: nn::linear(&p / "o_proj", nh * hd, d, init_linear(c.o_bias)),
+        Ok(Attention {
+            q_proj: linear(&p / "q_proj", d, nh * hd, c.qkv_bias)?,
+            k_proj: linear(&p / "k_proj", d, nkv * hd, c.qkv_bias)?,
+            v_proj: linear(&p / "v_proj", d, nkv * hd, c.qkv_bias)?,
+            o_proj: linear(&p / "o_proj", nh * hd, d, c.o_bias)?,
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
-        }
+        })
     }
 
     fn forward(
@@ -154,13 +163,13 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(p: nn::Path, c: &LlamaConfig) -> Self {
+    fn new(p: nn::Path, c: &LlamaConfig) -> Result<Self> {
         let (d, f) = (c.hidden_size as i64, c.intermediate_size as i64);
-        Mlp {
-            gate_proj: nn::linear(&p / "gate_proj", d, f, init_linear(c.mlp_bias)),
-            up_proj: nn::linear(&p / "up_proj", d, f, init_linear(c.mlp_bias)),
-            down_proj: nn::linear(&p / "down_proj", f, d, init_linear(c.mlp_bias)),
-        }
+        Ok(Mlp {
+            gate_proj: linear(&p / "gate_proj", d, f, c.mlp_bias)?,
+            up_proj: linear(&p / "up_proj", d, f, c.mlp_bias)?,
+            down_proj: linear(&p / "down_proj", f, d, c.mlp_bias)?,
+        })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         lin(
@@ -233,6 +242,66 @@ pub struct Llama {
     compute: Kind,
 }
 
+/// A variable that a config implies: its checkpoint name, its shape, and for each dimension the
+/// config keys whose product it is (so that a weight that does not fit can name the key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VarSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub keys: Vec<&'static [&'static str]>,
+}
+
+/// The variables `Llama::new` creates for `c`: those outside the decoder layers (`layer` None) or
+/// those of layer `i`. The config must have passed `LlamaConfig::validate` (no product overflows).
+pub fn variables(c: &LlamaConfig, layer: Option<usize>) -> Vec<VarSpec> {
+    type Dim = (i64, &'static [&'static str]);
+    let d: Dim = (c.hidden_size as i64, &["hidden_size"]);
+    let v: Dim = (c.vocab_size as i64, &["vocab_size"]);
+    let f: Dim = (c.intermediate_size as i64, &["intermediate_size"]);
+    let q: Dim = (
+        (c.num_attention_heads * c.head_dim) as i64,
+        &["num_attention_heads", "head_dim"],
+    );
+    let kv: Dim = (
+        (c.num_key_value_heads * c.head_dim) as i64,
+        &["num_key_value_heads", "head_dim"],
+    );
+    let mut out = Vec::new();
+    let mut add = |name: String, dims: &[Dim]| {
+        out.push(VarSpec {
+            name,
+            shape: dims.iter().map(|x| x.0).collect(),
+            keys: dims.iter().map(|x| x.1).collect(),
+        })
+    };
+    let Some(i) = layer else {
+        add("model.embed_tokens.weight".into(), &[v, d]);
+        add("model.norm.weight".into(), &[d]);
+        if !c.tie_word_embeddings {
+            add("lm_head.weight".into(), &[v, d]);
+        }
+        return out;
+    };
+    let l = format!("model.layers.{i}");
+    add(format!("{l}.input_layernorm.weight"), &[d]);
+    add(format!("{l}.post_attention_layernorm.weight"), &[d]);
+    for (proj, out_dim, in_dim, bias) in [
+        ("self_attn.q_proj", q, d, c.qkv_bias),
+        ("self_attn.k_proj", kv, d, c.qkv_bias),
+        ("self_attn.v_proj", kv, d, c.qkv_bias),
+        ("self_attn.o_proj", d, q, c.o_bias),
+        ("mlp.gate_proj", f, d, c.mlp_bias),
+        ("mlp.up_proj", f, d, c.mlp_bias),
+        ("mlp.down_proj", d, f, c.mlp_bias),
+    ] {
+        add(format!("{l}.{proj}.weight"), &[out_dim, in_dim]);
+        if bias {
+            add(format!("{l}.{proj}.bias"), &[out_dim]);
+        }
+    }
+    out
+}
+
 /// Rotary inverse frequencies (head_dim/2), f32, with the config's scaling (transformers'
 /// `_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
 /// `_compute_llama3_parameters`).
@@ -281,48 +350,36 @@ pub fn rope_inv_freq(c: &LlamaConfig) -> Vec<f32> {
 
 impl Llama {
     /// Build the model's variables under `p` (the VarStore's root), randomly initialised
-    /// (normal, std 0.02, as transformers' `initializer_range`).
+    /// (normal, std 0.02, as transformers' `initializer_range`). The config must have passed
+    /// `LlamaConfig::validate`; a loader checks the weights against [`variables`] first, so that
+    /// what is allocated here is bounded by what the files hold.
     pub fn new(p: &nn::Path, config: &LlamaConfig) -> Result<Self> {
         let c = config;
         let m = p / "model";
         let (v, d) = (c.vocab_size as i64, c.hidden_size as i64);
-        let embed_tokens = (&m / "embed_tokens").var(
-            "weight",
-            &[v, d],
-            nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        );
+        let embed_tokens = (&m / "embed_tokens").f_var("weight", &[v, d], INIT)?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let lp = &m / "layers" / i;
-                DecoderLayer {
-                    input_layernorm: RmsNorm::new(&lp / "input_layernorm", d, c.rms_norm_eps),
-                    self_attn: Attention::new(&lp / "self_attn", c),
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::new(&lp / "input_layernorm", d, c.rms_norm_eps)?,
+                    self_attn: Attention::new(&lp / "self_attn", c)?,
                     post_attention_layernorm: RmsNorm::new(
                         &lp / "post_attention_layernorm",
                         d,
                         c.rms_norm_eps,
-                    ),
-                    mlp: Mlp::new(&lp / "mlp", c),
-                }
+                    )?,
+                    mlp: Mlp::new(&lp / "mlp", c)?,
+                })
             })
-            .collect();
-        let norm = RmsNorm::new(&m / "norm", d, c.rms_norm_eps);
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&m / "norm", d, c.rms_norm_eps)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some((p / "lm_head").var(
-                "weight",
-                &[v, d],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            ))
+            Some((p / "lm_head").f_var("weight", &[v, d], INIT)?)
         };
-        let inv_freq = Tensor::f_from_slice(&rope_inv_freq(c))?.to_device(p.device());
+        let inv_freq = Tensor::f_from_slice(&rope_inv_freq(c))?.f_to_device(p.device())?;
         Ok(Llama {
             config: c.clone(),
             embed_tokens,

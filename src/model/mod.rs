@@ -5,7 +5,7 @@ pub mod hf;
 pub mod llama;
 pub mod tokenizer;
 
-use crate::io::read_to_string;
+use crate::io::{self, read_to_string};
 use crate::{Error, Result};
 pub use config::{Arch, LlamaConfig, RopeScaling};
 use gguf::{GgufFile, Value as GValue};
@@ -60,21 +60,23 @@ pub fn random(config: &LlamaConfig, device: Device, seed: i64) -> Result<LoadedM
 
 /// Load a model from a Hugging Face folder or a `.gguf` file.
 pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
-    if path.is_dir() {
-        load_hf(path, device)
-    } else if path.is_file() {
-        load_gguf(path, device)
-    } else {
-        Err(Error::format(
+    match io::metadata(path)? {
+        Some(m) if m.is_dir() => load_hf(path, device),
+        Some(m) if m.is_file() => load_gguf(path, device),
+        Some(_) => Err(Error::format(
+            path,
+            "not a file or folder: expected a Hugging Face folder or a .gguf file",
+        )),
+        None => Err(Error::format(
             path,
             "no such model: expected a Hugging Face folder or a .gguf file",
-        ))
+        )),
     }
 }
 
 fn load_hf(dir: &Path, device: Device) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    if !cfg_path.exists() {
+    if !io::exists(&cfg_path)? {
         return Err(Error::format(
             dir,
             "not a Hugging Face model folder: no config.json",
@@ -82,12 +84,17 @@ fn load_hf(dir: &Path, device: Device) -> Result<LoadedModel> {
     }
     let config = LlamaConfig::from_hf_json(&read_to_string(&cfg_path)?, &cfg_path)?;
     let (tensors, weight_types) = hf::read_weights(dir)?;
+    let present: Present = tensors
+        .iter()
+        .map(|(name, t)| (name.clone(), (t.size(), name.clone())))
+        .collect();
+    check_weights(&config, &present, &cfg_path, dir, &|k| k.to_string())?;
     let vs = nn::VarStore::new(device);
     let model = Llama::new(&vs.root(), &config)?;
     hf::load_into(&vs, &tensors, dir)?;
     let tokenizer = tokenizer::Tokenizer::from_hf_dir(dir)?;
     let gen_path = dir.join("generation_config.json");
-    let generation_config = if gen_path.exists() {
+    let generation_config = if io::exists(&gen_path)? {
         Some(
             serde_json::from_str(&read_to_string(&gen_path)?)
                 .map_err(|e| Error::format(&gen_path, format!("not valid JSON: {e}")))?,
@@ -104,6 +111,139 @@ fn load_hf(dir: &Path, device: Device) -> Result<LoadedModel> {
         format: "hf",
         weight_types,
     })
+}
+
+/// The weights present, by checkpoint name: their shape and the name they have in the file.
+type Present = HashMap<String, (Vec<i64>, String)>;
+
+/// Check that the weights hold every variable the config implies, with the shape it implies,
+/// before `Llama::new` allocates anything: what a model built from the config allocates is then
+/// bounded by what the files hold (a `vocab_size` of 2^40 or 10^6 layers is refused here, by key,
+/// instead of running out of memory). `config_path` and `key` (the file's name for a config key)
+/// locate the key in errors; `weights` names the weights for a missing tensor. Extra tensors are
+/// ignored, as `hf::load_into` ignores them.
+fn check_weights(
+    config: &LlamaConfig,
+    present: &Present,
+    config_path: &Path,
+    weights: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> Result<()> {
+    let mut layers_held = std::collections::BTreeSet::new();
+    for name in present.keys() {
+        if let Some((i, _)) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+        {
+            if let Ok(i) = i.parse::<usize>() {
+                layers_held.insert(i);
+            }
+        }
+    }
+    let n = config.num_hidden_layers;
+    if let Some(missing) = (0..n).find(|i| !layers_held.contains(i)) {
+        return Err(Error::config(
+            config_path,
+            key("num_hidden_layers"),
+            format!(
+                "{n} layers, but the weights hold {} (none of layer {missing})",
+                layers_held.len()
+            ),
+        ));
+    }
+    // n ≤ the number of layers held, so this loop is bounded by the files too
+    let specs = std::iter::once(None)
+        .chain((0..n).map(Some))
+        .flat_map(|layer| llama::variables(config, layer));
+    for spec in specs {
+        let Some((shape, stored)) = present.get(&spec.name) else {
+            if spec.name == "lm_head.weight" {
+                return Err(Error::config(
+                    config_path,
+                    key("tie_word_embeddings"),
+                    "false, but the weights have no 'lm_head.weight'",
+                ));
+            }
+            return Err(Error::format(
+                weights,
+                format!("missing tensor '{}'", spec.name),
+            ));
+        };
+        if *shape == spec.shape {
+            continue;
+        }
+        // name the key of the first dimension that differs (or of the first, for a wrong rank);
+        // of a product of keys, the one whose change alone could give the size the file has
+        let dim = (0..spec.shape.len())
+            .find(|&i| shape.get(i) != Some(&spec.shape[i]))
+            .unwrap_or(0);
+        let keys = spec.keys[dim];
+        let values: Vec<i64> = keys.iter().map(|k| config_dim(config, k)).collect();
+        let held = shape.get(dim).copied().unwrap_or(0);
+        let blamed = (0..keys.len())
+            .find(|&j| {
+                let others: i64 = (0..keys.len())
+                    .filter(|&o| o != j)
+                    .map(|o| values[o])
+                    .product();
+                held > 0 && held % others == 0
+            })
+            .unwrap_or(0);
+        let names: Vec<String> = keys.iter().map(|k| key(k)).collect();
+        let how = if keys.len() == 1 {
+            format!("{} = {}", names[0], values[0])
+        } else {
+            let vals: Vec<String> = values.iter().map(i64::to_string).collect();
+            format!(
+                "{} = {} = {}",
+                names.join(" × "),
+                vals.join(" × "),
+                spec.shape[dim]
+            )
+        };
+        return Err(Error::config(
+            config_path,
+            &names[blamed],
+            format!(
+                "tensor '{stored}' has shape {shape:?} in the weights, the config needs {:?} ({how})",
+                spec.shape
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The value of a size key of the config (one of those `llama::variables` names).
+fn config_dim(c: &LlamaConfig, key: &str) -> i64 {
+    (match key {
+        "vocab_size" => c.vocab_size,
+        "hidden_size" => c.hidden_size,
+        "intermediate_size" => c.intermediate_size,
+        "num_attention_heads" => c.num_attention_heads,
+        "num_key_value_heads" => c.num_key_value_heads,
+        "head_dim" => c.head_dim,
+        other => unreachable!("llama::variables names no size key '{other}'"),
+    }) as i64
+}
+
+/// The GGUF metadata key that holds a config key of `config.json` (for errors that name it).
+fn gguf_key(arch: &str, hf_key: &str) -> String {
+    let k = match hf_key {
+        "vocab_size" => "vocab_size",
+        "hidden_size" => "embedding_length",
+        "intermediate_size" => "feed_forward_length",
+        "num_hidden_layers" => "block_count",
+        "num_attention_heads" => "attention.head_count",
+        "num_key_value_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        "rope_scaling.factor" => "rope.scaling.factor",
+        "max_position_embeddings" => "context_length",
+        "tie_word_embeddings" => return "output.weight".into(),
+        other => return other.to_string(),
+    };
+    format!("{arch}.{k}")
 }
 
 /// The checkpoint name of a GGUF tensor (llama.cpp's names), or None for tensors we do not use.
@@ -137,8 +277,8 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
 /// swapped back to (n, 2, R/n/2, …).
 pub fn unpermute_qk(t: &Tensor, n_heads: i64) -> Result<Tensor> {
     let shape = t.size();
-    let rows = shape[0];
-    if rows % (2 * n_heads) != 0 {
+    let rows = shape.first().copied().unwrap_or(0);
+    if n_heads <= 0 || rows == 0 || rows % (2 * n_heads) != 0 {
         return Err(Error::Shape(format!(
             "unpermute_qk: {rows} rows do not split into {n_heads} heads"
         )));
@@ -186,7 +326,7 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
         .ok_or_else(|| Error::format(path, "missing tensor 'token_embd.weight'"))?;
     let vocab = match g.get(&key("vocab_size")).and_then(GValue::as_u64) {
         Some(v) => v as usize,
-        None => embd.shape()[0] as usize,
+        None => embd.shape().first().map_or(0, |&v| v as usize),
     };
     let tok_id = |k: &str| g.get(k).and_then(GValue::as_u64).map(|x| x as u32);
     let qkv_bias = arch == Arch::Qwen2 || g.tensor("blk.0.attn_q.bias").is_some();
@@ -227,7 +367,15 @@ fn gguf_config(g: &GgufFile) -> Result<LlamaConfig> {
         pad_token_id: tok_id("tokenizer.ggml.padding_token_id"),
         sliding_window: None,
     };
-    cfg.validate(path)?;
+    // errors name the GGUF key, not config.json's
+    cfg.validate(path).map_err(|e| match e {
+        Error::Config { path, key, msg } => Error::Config {
+            path,
+            key: gguf_key(arch_name, &key),
+            msg,
+        },
+        e => e,
+    })?;
     Ok(cfg)
 }
 
@@ -257,6 +405,16 @@ pub fn gguf_tensors(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String
 fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
     let config = gguf_config(&g)?;
+    let arch = g
+        .get("general.architecture")
+        .and_then(GValue::as_str)
+        .unwrap_or("llama");
+    let present: Present = g
+        .tensors
+        .iter()
+        .filter_map(|t| Some((gguf_to_hf_name(&t.name)?, (t.shape(), t.name.clone()))))
+        .collect();
+    check_weights(&config, &present, path, path, &|k| gguf_key(arch, k))?;
     let tensors = gguf_tensors(&g, &config)?;
     let vs = nn::VarStore::new(device);
     let model = Llama::new(&vs.root(), &config)?;
