@@ -25,7 +25,8 @@ pub fn run(a: Args, device: tch::Device) -> Result<()> {
     let m = super::load(&a.model, device)?;
     let tok = m.tokenizer.as_ref().context("the model has no tokenizer")?;
     let text = distill::io::read_to_string(&a.data)?;
-    let mut ids = tok.encode(&text, true)?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text); // a UTF-8 byte-order mark
+    let mut ids = tok.encode(text, true)?;
     if let Some(n) = a.max_tokens {
         ids.truncate(n);
     }

@@ -44,11 +44,11 @@ pub struct Dataset {
 
 /// The files under `path` (itself if a file; a folder's regular files sorted by name).
 pub fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    if !path.is_dir() {
-        return Err(Error::format(path, "no such data file or folder"));
+    match crate::io::metadata(path)? {
+        Some(m) if m.is_file() => return Ok(vec![path.to_path_buf()]),
+        Some(m) if m.is_dir() => {}
+        Some(_) => return Err(Error::format(path, "not a regular file or folder")),
+        None => return Err(Error::format(path, "no such data file or folder")),
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::io(path, e))?
