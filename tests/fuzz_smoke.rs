@@ -349,18 +349,23 @@ fn resident_bound(len: usize) -> usize {
     16 * len + (64 << 20)
 }
 
-#[test]
-fn gguf_reader_survives_mutated_files() {
-    let g = tiny_gguf::TinyGguf::new();
-    let bytes = g.bytes();
-    // the header ends where the tensor data begins (each tensor but the last padded to 32)
+/// The byte range of a tiny GGUF's header: it ends where the tensor data begins (each tensor but the
+/// last padded to 32 bytes).
+fn gguf_header(g: &tiny_gguf::TinyGguf, bytes: &[u8]) -> std::ops::Range<usize> {
     let n = g.tensors.len();
     let data: usize = g.tensors[..n - 1]
         .iter()
         .map(|t| t.3.len().div_ceil(32) * 32)
         .sum::<usize>()
         + g.tensors[n - 1].3.len();
-    let hot = 0..bytes.len() - data;
+    0..bytes.len() - data
+}
+
+#[test]
+fn gguf_reader_survives_mutated_files() {
+    let g = tiny_gguf::TinyGguf::new();
+    let bytes = g.bytes();
+    let hot = gguf_header(&g, &bytes);
     let target = Target {
         fields: Target::small_ints(&bytes, &hot),
         bytes: &bytes,
@@ -393,13 +398,7 @@ fn gguf_reader_survives_mutated_files() {
 fn gguf_model_loader_survives_mutated_files() {
     let g = tiny_gguf::TinyGguf::new();
     let bytes = g.bytes();
-    let n = g.tensors.len();
-    let data: usize = g.tensors[..n - 1]
-        .iter()
-        .map(|t| t.3.len().div_ceil(32) * 32)
-        .sum::<usize>()
-        + g.tensors[n - 1].3.len();
-    let hot = 0..bytes.len() - data;
+    let hot = gguf_header(&g, &bytes);
     let target = Target {
         fields: Target::small_ints(&bytes, &hot),
         bytes: &bytes,
