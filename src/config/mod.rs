@@ -4,6 +4,7 @@
 //!   [teacher] → teacher::TeacherFile    [student] → student::StudentFile
 //!   [data]    → data::DataFile          [[loss]]  → objective::LossTerm (kinds from losses::registry)
 //!   [optim]   → train::optim::OptimFile [run]     → train::options::RunSection
+//!   [capture] → teacher::store::config::CaptureFile
 //! This module only composes them, applies `--set` overrides, and turns a problem into one line that
 //! names the user's file and line (`run.toml:12: optim.lr: must be positive`), or the `--set` that
 //! caused it.
@@ -15,6 +16,7 @@ use crate::data::{DataConfig, DataFile};
 use crate::objective::LossTerm;
 use crate::student::{StudentConfig, StudentFile};
 use crate::teacher::config::{TeacherConfig, TeacherFile};
+use crate::teacher::store::config::{CaptureConfig, CaptureFile};
 use crate::train::optim::{OptimConfig, OptimFile};
 use crate::train::options::{RunOptions, RunSection};
 use crate::{Error, Result};
@@ -61,6 +63,8 @@ pub struct RunFile {
     pub optim: OptimFile,
     #[serde(default)]
     pub run: RunSection,
+    #[serde(default)]
+    pub capture: CaptureFile,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +75,7 @@ pub struct RunConfig {
     pub losses: Vec<LossTerm>,
     pub optim: OptimConfig,
     pub run: RunOptions,
+    pub capture: CaptureConfig,
 }
 
 impl RunConfig {
@@ -129,13 +134,20 @@ impl RunConfig {
 
     fn resolve(f: &RunFile, paths: &Paths) -> Checked<Self> {
         let losses = crate::objective::loss_terms(&f.loss)?;
+        let (teacher, student, data) = (
+            f.teacher.resolve(paths)?,
+            f.student.resolve(paths)?,
+            f.data.resolve(paths)?,
+        );
+        let (optim, run) = (f.optim.resolve()?, f.run.resolve(paths)?);
         Ok(RunConfig {
-            teacher: f.teacher.resolve(paths)?,
-            student: f.student.resolve(paths)?,
-            data: f.data.resolve(paths)?,
+            capture: f.capture.resolve(&losses)?,
+            teacher,
+            student,
+            data,
             losses,
-            optim: f.optim.resolve()?,
-            run: f.run.resolve(paths)?,
+            optim,
+            run,
         })
     }
 }

@@ -20,6 +20,8 @@ pub struct Batch {
     pub rows: Vec<usize>,
     pub spans: Vec<Vec<Span>>,
     pub domains: Option<Vec<u32>>,
+    /// each row's `Sequence::key` (what a teacher store looks it up by)
+    pub keys: Vec<u64>,
     host_weights: Vec<f32>,
 }
 
@@ -36,6 +38,7 @@ impl Batch {
         let mut weights = Vec::with_capacity(rows.len() * t);
         let mut spans = Vec::with_capacity(rows.len());
         let mut domains = Vec::with_capacity(rows.len());
+        let mut keys = Vec::with_capacity(rows.len());
         for &r in rows {
             let s = seqs.get(r).ok_or_else(|| {
                 Error::Invalid(format!(
@@ -54,6 +57,7 @@ impl Batch {
             weights.extend_from_slice(&s.weights);
             spans.push(s.spans.clone());
             domains.extend(s.domain);
+            keys.push(s.key());
         }
         let shape = [rows.len() as i64, t as i64];
         Ok(Batch {
@@ -69,6 +73,7 @@ impl Batch {
             rows: rows.to_vec(),
             spans,
             domains: (domains.len() == rows.len()).then_some(domains),
+            keys,
             host_weights: weights,
         })
     }
@@ -90,6 +95,21 @@ impl Batch {
             .map(|&l| if l == super::IGNORE_INDEX { 0.0 } else { 1.0 })
             .collect();
         let b = ids.size()[0] as usize;
+        let host_ids: Vec<i64> =
+            Vec::<i64>::try_from(ids.f_flatten(0, 1)?.f_to_device(Device::Cpu)?)?;
+        let t = ids.size()[1] as usize;
+        let keys = (0..b)
+            .map(|r| {
+                let ids: Vec<u32> = host_ids[r * t..(r + 1) * t]
+                    .iter()
+                    .map(|&x| x as u32)
+                    .collect();
+                crate::fingerprint::Fnv64::default()
+                    .u32s(&ids)
+                    .i64s(&host[r * t..(r + 1) * t])
+                    .finish()
+            })
+            .collect();
         Ok(Batch {
             ids: ids.f_to_kind(Kind::Int64)?,
             labels: labels.f_to_kind(Kind::Int64)?,
@@ -99,6 +119,7 @@ impl Batch {
             rows: (0..b).collect(),
             spans: vec![vec![]; b],
             domains: None,
+            keys,
             host_weights,
         })
     }

@@ -26,6 +26,15 @@ pub struct Sequence {
 }
 
 impl Sequence {
+    /// The key a teacher store files this sequence under: a hash of its ids and labels (what the
+    /// teacher sees and which positions are targets). Equal keys, equal teacher signal.
+    pub fn key(&self) -> u64 {
+        crate::fingerprint::Fnv64::default()
+            .u32s(&self.ids)
+            .i64s(&self.labels)
+            .finish()
+    }
+
     /// Positions whose weight is not 0.
     pub fn counted(&self) -> usize {
         self.weights.iter().filter(|&&w| w != 0.0).count()

@@ -59,6 +59,14 @@ pub fn random(config: &LlamaConfig, device: Device, seed: i64) -> Result<LoadedM
 }
 
 /// Load a model from a Hugging Face folder or a `.gguf` file.
+/// The end-of-sequence id: the config's first, else the tokenizer's eos token.
+pub fn eos_id(m: &LoadedModel) -> Option<u32> {
+    m.model.config.eos_token_ids.first().copied().or_else(|| {
+        let tok = m.tokenizer.as_ref()?;
+        tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e))
+    })
+}
+
 pub fn load(path: &Path, device: Device) -> Result<LoadedModel> {
     match io::metadata(path)? {
         Some(m) if m.is_dir() => load_hf(path, device),

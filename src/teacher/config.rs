@@ -1,4 +1,5 @@
-//! `[teacher]`: which model teaches, and the dtype it computes in.
+//! `[teacher]`: which model teaches (a model, a captured store, or both), and the dtype it computes
+//! in.
 use crate::config::{issue, Checked, Paths};
 use crate::device::Dtype;
 use serde::Deserialize;
@@ -7,16 +8,23 @@ use std::path::PathBuf;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherFile {
-    /// a Hugging Face folder or a .gguf file
-    pub path: PathBuf,
+    /// a Hugging Face folder or a .gguf file (optional when `store` is given)
+    pub path: Option<PathBuf>,
     /// "f32" (default), "bf16" or "f16": the teacher's weights are cast to it and it computes in it
     pub dtype: Option<String>,
+    /// a teacher store (`distill capture`): its signal replaces the teacher's forward; with `path`
+    /// too, the live teacher serves the sequences the store does not hold (a hybrid)
+    pub store: Option<PathBuf>,
+    /// hybrid only: add what the live teacher computed to the store
+    pub write_back: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TeacherConfig {
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
     pub dtype: Dtype,
+    pub store: Option<PathBuf>,
+    pub write_back: bool,
 }
 
 impl TeacherFile {
@@ -25,9 +33,33 @@ impl TeacherFile {
             Some(d) => Dtype::parse(d).map_err(|m| issue("teacher.dtype", m))?,
             None => Dtype::F32,
         };
+        if self.path.is_none() && self.store.is_none() {
+            return Err(issue(
+                "teacher",
+                "give 'path' (a model), 'store' (a captured teacher store) or both",
+            ));
+        }
+        let write_back = self.write_back.unwrap_or(false);
+        if write_back && (self.path.is_none() || self.store.is_none()) {
+            return Err(issue(
+                "teacher.write_back",
+                "needs both 'path' and 'store' (the live teacher writes into the store)",
+            ));
+        }
         Ok(TeacherConfig {
-            path: paths.resolve(&self.path),
+            path: self.path.as_deref().map(|p| paths.resolve(p)),
             dtype,
+            store: self.store.as_deref().map(|p| paths.resolve(p)),
+            write_back,
+        })
+    }
+}
+
+impl TeacherConfig {
+    /// The teacher model's path, or an error saying this use needs one.
+    pub fn model_path(&self, why: &str) -> crate::Result<&PathBuf> {
+        self.path.as_ref().ok_or_else(|| {
+            crate::Error::Invalid(format!("teacher.path: {why} needs the teacher model"))
         })
     }
 }

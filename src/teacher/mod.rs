@@ -6,9 +6,13 @@
 //! chunks of them. The distribution comes as dense logits (…, V) or, from a store, as a sparse
 //! top-k with its tail mass and log-normaliser; the hidden states of chosen layers come with it.
 pub mod config;
+pub mod hybrid;
 pub mod live;
+pub mod store;
 
+pub use hybrid::{Hybrid, HybridState};
 pub use live::Live;
+pub use store::{Store, StoreSignal};
 
 use crate::data::Batch;
 use crate::Result;

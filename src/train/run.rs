@@ -22,9 +22,11 @@ use crate::fingerprint;
 use crate::model::{self, hf, LoadedModel};
 use crate::objective::Objective;
 use crate::student::{self, StudentInit};
-use crate::teacher::Live;
+use crate::teacher::store::header::{teacher_hash, template_hash, tokenizer_hash};
+use crate::teacher::{Hybrid, HybridState, Live, Store, StoreSignal, TeacherSignal};
 use crate::{Error, Result};
 use serde_json::{json, Value};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -73,7 +75,11 @@ pub fn weight_checksums(vs: &tch::nn::VarStore) -> Result<Vec<f64>> {
 
 /// Everything phase 1 settles.
 struct Setup {
-    teacher: LoadedModel,
+    /// the live teacher (None when a store serves every sequence)
+    teacher: Option<LoadedModel>,
+    store: Option<Store>,
+    /// a hybrid's counts and write-back
+    hybrid: RefCell<HybridState>,
     student: LoadedModel,
     ds: Dataset,
     objective: Objective,
@@ -144,7 +150,13 @@ fn check_output_apart(cfg: &RunConfig) -> Result<()> {
         }
     }
     let out = canonical(&cfg.run.output);
-    let mut inputs = vec![("teacher.path", cfg.teacher.path.clone())];
+    let mut inputs = Vec::new();
+    if let Some(p) = &cfg.teacher.path {
+        inputs.push(("teacher.path", p.clone()));
+    }
+    if let Some(p) = &cfg.teacher.store {
+        inputs.push(("teacher.store", p.clone()));
+    }
     if let StudentInit::Path(p) = &cfg.student.init {
         inputs.push(("student.path", p.clone()));
     }
@@ -192,7 +204,20 @@ fn fingerprint_of(cfg: &RunConfig, ds: &Dataset, total: usize) -> fingerprint::F
         .map(|l| format!("{} × {}", l.weight, l.describe()))
         .collect();
     [
-        ("teacher.path", cfg.teacher.path.display().to_string()),
+        (
+            "teacher.path",
+            format!(
+                "{:?}",
+                cfg.teacher.path.as_ref().map(|p| p.display().to_string())
+            ),
+        ),
+        (
+            "teacher.store",
+            format!(
+                "{:?}",
+                cfg.teacher.store.as_ref().map(|p| p.display().to_string())
+            ),
+        ),
         ("teacher.dtype", cfg.teacher.dtype.name().to_string()),
         ("student", student),
         ("student.dtype", cfg.student.dtype.name().to_string()),
@@ -249,32 +274,42 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     let device = cfg.run.device;
     check_available(device)?;
     // the teacher in f32 first: a student made of its layers copies f32 weights
-    let mut teacher = model::load(&cfg.teacher.path, device)
-        .map_err(|e| Error::Invalid(format!("teacher: {e}")))?;
-    let mut student = match &cfg.student.init {
-        StudentInit::Path(p) => {
-            model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
+    let mut teacher = match &cfg.teacher.path {
+        Some(p) => {
+            Some(model::load(p, device).map_err(|e| Error::Invalid(format!("teacher: {e}")))?)
         }
-        StudentInit::FromTeacher { layers } => {
-            student::from_teacher_layers(&teacher, layers, device)?
-        }
+        None => None,
     };
-    // a teacher is only run: its weights take its dtype; a student keeps f32 master weights and
-    // computes in its dtype
-    let t_kind = cfg.teacher.dtype.kind();
-    if t_kind != tch::Kind::Float {
-        teacher.vs.set_kind(t_kind);
-    }
-    teacher.model.set_compute_kind(t_kind);
-    teacher.vs.freeze();
+    let mut student =
+        match (&cfg.student.init, &teacher) {
+            (StudentInit::Path(p), _) => {
+                model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
+            }
+            (StudentInit::FromTeacher { layers }, Some(t)) => {
+                student::from_teacher_layers(t, layers, device)?
+            }
+            (StudentInit::FromTeacher { .. }, None) => return Err(Error::Invalid(
+                "student.from_teacher: needs the teacher model (teacher.path), not only its store"
+                    .into(),
+            )),
+        };
     student.model.set_compute_kind(cfg.student.dtype.kind());
-    if let Some(note) = student::check_vocabularies(&teacher, &student)? {
-        tracing::warn!("{note}");
+    if let Some(teacher) = teacher.as_mut() {
+        // a teacher is only run: its weights take its dtype; a student keeps f32 master weights
+        // and computes in its dtype
+        let t_kind = cfg.teacher.dtype.kind();
+        if t_kind != tch::Kind::Float {
+            teacher.vs.set_kind(t_kind);
+        }
+        teacher.model.set_compute_kind(t_kind);
+        teacher.vs.freeze();
+        if let Some(note) = student::check_vocabularies(teacher, &student)? {
+            tracing::warn!("{note}");
+        }
     }
     let context = teacher
-        .model
-        .config
-        .max_position_embeddings
+        .as_ref()
+        .map_or(usize::MAX, |t| t.model.config.max_position_embeddings)
         .min(student.model.config.max_position_embeddings);
     if cfg.data.seq_len > context {
         return Err(Error::Invalid(format!(
@@ -282,29 +317,39 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.seq_len
         )));
     }
-    let tok = teacher
+    // the data is read with the tokenizer of the model that reads it (identical when both exist)
+    let reader = teacher.as_ref().unwrap_or(&student);
+    let tok = reader
         .tokenizer
         .as_ref()
-        .expect("checked by check_vocabularies");
-    let eos = teacher
-        .model
-        .config
-        .eos_token_ids
-        .first()
-        .copied()
-        .or_else(|| tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)));
-    let ds = data::load(&cfg.data, tok, eos)?;
+        .ok_or_else(|| Error::format(&reader.source, "the model has no tokenizer"))?;
+    let ds = data::load(&cfg.data, tok, model::eos_id(reader))?;
     if ds.validation.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: too little data to hold out a validation sequence; give data.validation",
             cfg.data.train.display()
         )));
     }
+    let total = total_steps(cfg, ds.train.len());
+    let store = match &cfg.teacher.store {
+        Some(dir) => Some(open_store(cfg, dir, teacher.as_ref(), tok, &ds, total)?),
+        None => None,
+    };
+    // a store that holds every sequence the run reads makes the live teacher unnecessary (unless
+    // writing back)
+    if let (Some(st), Some(_)) = (&store, &teacher) {
+        if missing_sequences(st, &ds, cfg, total).0 == 0 && !cfg.teacher.write_back {
+            tracing::info!(
+                "the store holds every sequence the run reads: the teacher model is not kept"
+            );
+            teacher = None;
+        }
+    }
     // every token id must have a row in both models
     let rows = teacher
-        .model
-        .config
-        .vocab_size
+        .as_ref()
+        .map_or(usize::MAX, |t| t.model.config.vocab_size)
+        .min(store.as_ref().map_or(usize::MAX, |s| s.header.vocab_rows))
         .min(student.model.config.vocab_size);
     let max_id = ds
         .train
@@ -320,8 +365,43 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.train.display()
         )));
     }
-    let total = total_steps(cfg, ds.train.len());
     let mut objective = Objective::new(&cfg.losses, total)?;
+    if let Some(st) = &store {
+        objective
+            .check_sparse(st.header.selection.temperature)
+            .map_err(|e| Error::Invalid(format!("teacher.store = {}: {e}", st.dir.display())))?;
+    }
+    let hybrid = RefCell::new(HybridState::default());
+    if cfg.teacher.write_back {
+        let (Some(st), Some(t)) = (&store, &teacher) else {
+            unreachable!(
+                "write_back needs path and store (checked in config) and the teacher is kept then"
+            )
+        };
+        let keys: Vec<u64> = ds
+            .train
+            .iter()
+            .chain(&ds.validation)
+            .map(|s| s.key())
+            .collect();
+        hybrid.borrow_mut().writer = Some(crate::teacher::store::StoreWriter::open(
+            &st.dir,
+            st.header.identity.clone(),
+            (
+                t.source.display().to_string(),
+                cfg.teacher.dtype.name().to_string(),
+            ),
+            t.model.config.vocab_size,
+            st.header.selection,
+            crate::teacher::store::header::Capture {
+                fingerprint: crate::teacher::store::capture::data_fingerprint(&keys),
+                sequences: keys.len(),
+                appended: true,
+            },
+            crate::teacher::store::Mode::Append,
+            crate::teacher::store::config::SHARD_SEQUENCES,
+        )?);
+    }
     let mut opt = AdamW::new(&student.vs, &cfg.optim)?;
     let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
     let fingerprint = fingerprint_of(cfg, &ds, total);
@@ -393,10 +473,15 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     } else {
         Start::Fresh
     };
-    let teacher_checksum = weight_checksums(&teacher.vs)?;
+    let teacher_checksum = match &teacher {
+        Some(t) => weight_checksums(&t.vs)?,
+        None => vec![],
+    };
     Ok(Setup {
         teacher_checksum,
         teacher,
+        store,
+        hybrid,
         student,
         ds,
         objective,
@@ -410,16 +495,26 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
 // ---------------------------------------------------------------- 2. before
 
 fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
-    let (tc, sc) = (&s.teacher.model.config, &s.student.model.config);
+    let sc = &s.student.model.config;
     let student_source = match &cfg.student.init {
         StudentInit::Path(p) => format!("`{}`", p.display()),
         StudentInit::FromTeacher { layers } => format!("teacher layers {layers:?}"),
     };
     json!({
         "run_file": opts.run_file.as_ref().map(|p| p.display().to_string()),
-        "teacher": {"source": s.teacher.source.display().to_string(), "format": s.teacher.format,
-                    "parameters": tc.num_params(), "layers": tc.num_hidden_layers,
-                    "dtype": cfg.teacher.dtype.name()},
+        "teacher": match &s.teacher {
+            Some(t) => json!({"source": t.source.display().to_string(), "format": t.format,
+                    "parameters": t.model.config.num_params(), "layers": t.model.config.num_hidden_layers,
+                    "dtype": cfg.teacher.dtype.name()}),
+            None => json!({"source": s.store.as_ref().map(|st| st.header.teacher_source.clone()),
+                    "format": "store", "dtype": s.store.as_ref().map(|st| st.header.teacher_dtype.clone())}),
+        },
+        "store": s.store.as_ref().map(|st| json!({
+            "path": st.dir.display().to_string(), "sequences": st.len(),
+            "coverage": st.header.selection.coverage, "max_k": st.header.selection.max_k,
+            "temperature": st.header.selection.temperature,
+            "quantisation": st.header.selection.quantisation.name(),
+            "hybrid": s.teacher.is_some(), "write_back": cfg.teacher.write_back})),
         "student": {"source": student_source, "parameters": sc.num_params(),
                     "layers": sc.num_hidden_layers, "dtype": cfg.student.dtype.name()},
         "data": {"train": cfg.data.train.display().to_string(), "seq_len": cfg.data.seq_len,
@@ -437,10 +532,104 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
     })
 }
 
+/// The teacher signal of the run: the live teacher, the store, or both (a hybrid).
+fn signal<'a>(
+    teacher: &'a Option<LoadedModel>,
+    store: &'a Option<Store>,
+    hybrid: &'a RefCell<HybridState>,
+) -> Box<dyn TeacherSignal + 'a> {
+    match (teacher, store) {
+        (Some(t), None) => Box::new(Live::new(&t.model)),
+        (None, Some(st)) => Box::new(StoreSignal::new(st)),
+        (Some(t), Some(st)) => Box::new(Hybrid::new(st, Live::new(&t.model), hybrid)),
+        (None, None) => unreachable!("the config asks for a teacher path or a store"),
+    }
+}
+
+/// Of the sequences the run reads (validation, and the training sequences its `total` steps
+/// visit), how many the store does not hold, of how many; and the first missing one's place.
+fn missing_sequences(
+    store: &Store,
+    ds: &Dataset,
+    cfg: &RunConfig,
+    total: usize,
+) -> (usize, usize, Option<String>) {
+    let needed = crate::teacher::store::capture::plan(ds, cfg, Some(total));
+    let mut seen = std::collections::HashSet::new();
+    let (mut missing, mut distinct, mut first) = (0, 0, None);
+    for (i, s) in needed.iter().enumerate() {
+        let k = s.key();
+        if !seen.insert(k) {
+            continue;
+        }
+        distinct += 1;
+        if !store.contains(k) {
+            missing += 1;
+            first.get_or_insert_with(|| {
+                if i < ds.validation.len() {
+                    format!("validation sequence {i}")
+                } else {
+                    "a training sequence of the run's steps".to_string()
+                }
+            });
+        }
+    }
+    (missing, distinct, first)
+}
+
+/// Open the run's store and check that it belongs to this run: the teacher (when the run has one),
+/// the tokenizer, template, seq_len and packing by name; with no teacher model, every sequence.
+fn open_store(
+    cfg: &RunConfig,
+    dir: &Path,
+    teacher: Option<&LoadedModel>,
+    tok: &crate::model::Tokenizer,
+    ds: &Dataset,
+    total: usize,
+) -> Result<Store> {
+    let store = Store::open(dir)?;
+    let at = dir.join("store.json");
+    let mut now = store.header.identity.clone();
+    if let (Some(_), Some(p)) = (teacher, &cfg.teacher.path) {
+        now.teacher = teacher_hash(p, cfg.teacher.dtype.name())?;
+    }
+    now.tokenizer = tokenizer_hash(tok);
+    now.chat_template = template_hash(tok);
+    now.seq_len = cfg.data.seq_len;
+    now.packing = cfg.data.packing;
+    let differing = store.header.identity.differences(&now);
+    if !differing.is_empty() {
+        return Err(Error::format(
+            &at,
+            format!(
+                "the store does not belong to this run: {}",
+                differing.join("; ")
+            ),
+        ));
+    }
+    let (missing, needed, first) = missing_sequences(&store, ds, cfg, total);
+    if missing > 0 && teacher.is_none() {
+        return Err(Error::format(
+            &at,
+            format!(
+                "data: {missing} of the {needed} sequences this run reads are not in the store (first: {}); capture them (`distill capture --append`) or give teacher.path for a hybrid run",
+                first.unwrap_or_default()
+            ),
+        ));
+    }
+    if missing > 0 {
+        tracing::info!(
+            "the store holds {} of the {needed} sequences the run reads; the live teacher serves the rest",
+            needed - missing
+        );
+    }
+    Ok(store)
+}
+
 fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
-    let teacher = Live::new(&s.teacher.model);
+    let teacher = signal(&s.teacher, &s.store, &s.hybrid);
     distill_metrics(
-        &teacher,
+        teacher.as_ref(),
         &s.student.model,
         &s.ds.validation,
         cfg.optim.micro_batch,
@@ -490,14 +679,14 @@ fn steps(
         {
             step_opts.poison = faults.poison(step);
         }
-        let teacher = Live::new(&s.teacher.model);
+        let teacher = signal(&s.teacher, &s.store, &s.hybrid);
         for _ in 0..cfg.optim.grad_accum {
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
             let batch = Batch::new(&s.ds.train, &rows, device)?; // (B, T)
             tokens += batch.counted();
             let m = micro_step(
                 &s.student.model,
-                Some(&teacher),
+                Some(teacher.as_ref()),
                 &s.objective,
                 &batch,
                 &step_opts,
@@ -544,6 +733,9 @@ fn steps(
             for (name, values) in s.objective.log_values() {
                 rec[name] = json!(values);
             }
+            if s.teacher.is_some() && s.store.is_some() {
+                rec["store_fraction"] = json!(s.hybrid.borrow().store_fraction());
+            }
             out.metric(&rec)?;
         }
         if let Some(b) = &bar {
@@ -589,12 +781,22 @@ fn write_out(
         None => evaluate(cfg, s)?,
     };
     out.save_student(&s.student)?;
+    if let Some(w) = s.hybrid.borrow_mut().writer.take() {
+        let h = w.finish()?;
+        tracing::info!(
+            "write-back: the store now holds {} sequences",
+            h.sequences()
+        );
+    }
     let (teacher_tps, student_tps) = forward_speeds(s, cfg.optim.micro_batch)?;
     let seconds = started.elapsed().as_secs_f64();
     out.metric(&json!({"kind": "summary", "step": s.state.step, "skipped_steps": s.state.skipped_steps,
         "seconds": seconds, "teacher_tokens_per_s": teacher_tps, "student_tokens_per_s": student_tps}))?;
     let records = out.write_report()?;
-    let teacher_after = weight_checksums(&s.teacher.vs)?;
+    let teacher_after = match &s.teacher {
+        Some(t) => weight_checksums(&t.vs)?,
+        None => vec![],
+    };
     if teacher_after != s.teacher_checksum {
         return Err(Error::Invalid(
             "internal error: the teacher's weights changed during training (they are frozen)"
@@ -619,8 +821,9 @@ fn write_out(
     })
 }
 
-/// Tokens per second of one forward pass over a validation batch: (teacher, student).
-fn forward_speeds(s: &Setup, batch: usize) -> Result<(f64, f64)> {
+/// Tokens per second of one forward pass over a validation batch: (teacher, student); the
+/// teacher's is None when the run has no live teacher.
+fn forward_speeds(s: &Setup, batch: usize) -> Result<(Option<f64>, f64)> {
     let rows: Vec<usize> = (0..s.ds.validation.len().min(batch.max(1))).collect();
     let b = Batch::new(&s.ds.validation, &rows, s.student.model.device())?;
     let n = b.ids.numel() as f64;
@@ -630,5 +833,9 @@ fn forward_speeds(s: &Setup, batch: usize) -> Result<(f64, f64)> {
         let _ = tch::no_grad(|| m.model.forward(&b.ids))?;
         Ok(n / t.elapsed().as_secs_f64())
     };
-    Ok((time(&s.teacher)?, time(&s.student)?))
+    let teacher = match &s.teacher {
+        Some(t) => Some(time(t)?),
+        None => None,
+    };
+    Ok((teacher, time(&s.student)?))
 }

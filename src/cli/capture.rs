@@ -1,0 +1,60 @@
+//! `distill capture RUN.toml [--out DIR] [--append] [--steps N] [--set k=v …]`: the teacher's
+//! distribution over the run's data, written once as a teacher store.
+use anyhow::Result;
+use distill::config::RunConfig;
+use distill::teacher::store::{capture, CaptureOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    run_file: PathBuf,
+    /// Where to write the store (default: the run file's teacher.store)
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Add this data's sequences to a store that holds other data
+    #[arg(long)]
+    append: bool,
+    /// Capture only the training sequences the run's first N steps visit (and the validation ones)
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Override a key of the run file, e.g. --set capture.coverage=0.99 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+pub fn run(args: Args, threads: Option<i64>, device: Option<&str>) -> Result<()> {
+    let mut cfg = RunConfig::load(&args.run_file, &args.set)?;
+    super::train::settle(&mut cfg, threads, device)?;
+    let opts = CaptureOptions {
+        out: args.out,
+        append: args.append,
+        steps: args.steps,
+        progress: true,
+    };
+    let s = capture(&cfg, &cfg.capture, &opts)?;
+    let h = &s.header;
+    println!(
+        "captured {} sequences ({} positions) in {:.1} s: {:.0} tokens/s{}",
+        s.captured,
+        s.positions,
+        s.seconds,
+        s.tokens as f64 / s.seconds.max(1e-9),
+        if s.already > 0 {
+            format!("; {} were already in the store", s.already)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "store {}: {} sequences, {} positions, {:.1} bytes/token",
+        show(&s.dir),
+        h.sequences(),
+        h.positions(),
+        h.bytes() as f64 / h.positions().max(1) as f64
+    );
+    Ok(())
+}
+
+fn show(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,231 @@
+//! `distill capture RUN.toml`: run the teacher over the run's data (its tokenizer, chat template,
+//! packing and seq_len) once and write the store.
+//!
+//! What is captured: the validation sequences first (every evaluation needs them), then the
+//! training sequences in data order — or, with `steps`, exactly the training sequences the run's
+//! first `steps` optimizer steps visit, in the order it visits them (its sampler, its seed). A
+//! sequence the store already holds is skipped, so a killed capture run again continues where its
+//! last shard ended; `append` adds other data to an existing store.
+use super::config::CaptureConfig;
+use super::header::{teacher_hash, template_hash, tokenizer_hash, Capture, Header, Identity};
+use super::select::select_rows;
+use super::shard::SeqRecord;
+use super::writer::{Mode, StoreWriter};
+use crate::config::RunConfig;
+use crate::data::{self, Batch, Sampler, Sequence, IGNORE_INDEX};
+use crate::fingerprint::Fnv64;
+use crate::model::{self, LoadedModel};
+use crate::teacher::{Live, TeacherSignal};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct CaptureOptions {
+    /// where to write (default: the run file's `teacher.store`)
+    pub out: Option<PathBuf>,
+    /// add this data to a store that holds other data
+    pub append: bool,
+    /// capture only the training sequences the run's first `steps` steps visit
+    pub steps: Option<usize>,
+    /// draw a progress bar on stderr
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureSummary {
+    pub dir: PathBuf,
+    /// sequences this call captured, and those the store already held
+    pub captured: usize,
+    pub already: usize,
+    /// target positions this call captured
+    pub positions: usize,
+    /// tokens the teacher ran over (rows × seq_len)
+    pub tokens: usize,
+    pub seconds: f64,
+    pub header: Header,
+}
+
+/// The identity a run's set-up gives a store: the teacher's files and dtype, the tokenizer and
+/// template (of the model whose tokenizer reads the data), seq_len and packing.
+pub fn identity_of(
+    teacher_path: &Path,
+    dtype: &str,
+    tokenizer: &crate::model::Tokenizer,
+    cfg: &RunConfig,
+) -> Result<Identity> {
+    Ok(Identity {
+        teacher: teacher_hash(teacher_path, dtype)?,
+        tokenizer: tokenizer_hash(tokenizer),
+        chat_template: template_hash(tokenizer),
+        seq_len: cfg.data.seq_len,
+        packing: cfg.data.packing,
+    })
+}
+
+/// The fingerprint of a list of sequences: their keys, in order.
+pub fn data_fingerprint(keys: &[u64]) -> String {
+    let mut h = Fnv64::default();
+    for k in keys {
+        h.bytes(&k.to_le_bytes());
+    }
+    h.hex()
+}
+
+/// The sequences a capture covers, in capture order: validation, then training (all, in data
+/// order; or those the first `steps` steps visit).
+pub fn plan<'d>(ds: &'d data::Dataset, cfg: &RunConfig, steps: Option<usize>) -> Vec<&'d Sequence> {
+    let mut out: Vec<&Sequence> = ds.validation.iter().collect();
+    match steps {
+        None => out.extend(ds.train.iter()),
+        Some(n) => {
+            let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
+            for _ in 0..n * cfg.optim.grad_accum {
+                for r in sampler.next_batch(cfg.optim.micro_batch) {
+                    out.push(&ds.train[r]);
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn load_teacher(cfg: &RunConfig, why: &str) -> Result<LoadedModel> {
+    let path = cfg.teacher.model_path(why)?;
+    let mut teacher =
+        model::load(path, cfg.run.device).map_err(|e| Error::Invalid(format!("teacher: {e}")))?;
+    let kind = cfg.teacher.dtype.kind();
+    if kind != tch::Kind::Float {
+        teacher.vs.set_kind(kind);
+    }
+    teacher.model.set_compute_kind(kind);
+    teacher.vs.freeze();
+    Ok(teacher)
+}
+
+pub fn capture(
+    cfg: &RunConfig,
+    capture: &CaptureConfig,
+    opts: &CaptureOptions,
+) -> Result<CaptureSummary> {
+    let started = Instant::now();
+    let dir = opts
+        .out
+        .clone()
+        .or_else(|| cfg.teacher.store.clone())
+        .ok_or_else(|| {
+            Error::Invalid("teacher.store: where to write the store (or pass --out)".into())
+        })?;
+    let teacher = load_teacher(cfg, "a capture")?;
+    let tok = teacher
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| Error::format(&teacher.source, "the teacher has no tokenizer"))?;
+    let ds = data::load(&cfg.data, tok, model::eos_id(&teacher))?;
+    let planned = plan(&ds, cfg, opts.steps);
+    let keys: Vec<u64> = planned.iter().map(|s| s.key()).collect();
+    let identity = identity_of(
+        cfg.teacher.model_path("a capture")?,
+        cfg.teacher.dtype.name(),
+        tok,
+        cfg,
+    )?;
+    let mut writer = StoreWriter::open(
+        &dir,
+        identity,
+        (
+            teacher.source.display().to_string(),
+            cfg.teacher.dtype.name().to_string(),
+        ),
+        teacher.model.config.vocab_size,
+        capture.selection,
+        Capture {
+            fingerprint: data_fingerprint(&keys),
+            sequences: keys.len(),
+            appended: false,
+        },
+        if opts.append {
+            Mode::Append
+        } else {
+            Mode::Capture
+        },
+        capture.shard_sequences,
+    )?;
+    // what is left, each distinct sequence once
+    let mut todo: Vec<&Sequence> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut already = 0;
+    for (s, &k) in planned.iter().zip(&keys) {
+        if !seen.insert(k) {
+            continue;
+        }
+        if writer.holds(k) {
+            already += 1;
+        } else {
+            todo.push(s);
+        }
+    }
+    let total_positions: usize = todo.iter().map(|s| targets(s).len()).sum();
+    let bar = opts.progress.then(|| {
+        let b = indicatif::ProgressBar::new(total_positions as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "capture {bar:30} {pos}/{len} positions, {per_sec} [{elapsed} < {eta}]",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let live = Live::new(&teacher.model);
+    let batch_rows = cfg.optim.micro_batch.max(1);
+    let (mut positions, mut tokens) = (0usize, 0usize);
+    let owned: Vec<Sequence> = todo.iter().map(|s| (*s).clone()).collect();
+    let idx: Vec<usize> = (0..owned.len()).collect();
+    for rows in idx.chunks(batch_rows) {
+        let batch = Batch::new(&owned, rows, cfg.run.device)?;
+        let labels: Vec<Vec<i64>> = rows.iter().map(|&r| owned[r].labels.clone()).collect();
+        let kept = tch::no_grad(|| -> Result<_> {
+            let sig = live.prepare(&batch, &[])?;
+            let dense = sig.positions(0, sig.len())?;
+            select_rows(dense.dense()?, &labels, &capture.selection, false)
+        })?;
+        for (&r, kept) in rows.iter().zip(kept) {
+            let s = &owned[r];
+            let at = targets(s);
+            positions += at.len();
+            tokens += s.ids.len();
+            writer.add(SeqRecord {
+                key: s.key(),
+                tokens: s.ids.clone(),
+                at,
+                kept,
+            })?;
+        }
+        if let Some(b) = &bar {
+            b.set_position(positions as u64);
+        }
+    }
+    let header = writer.finish()?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(CaptureSummary {
+        dir,
+        captured: owned.len(),
+        already,
+        positions,
+        tokens,
+        seconds: started.elapsed().as_secs_f64(),
+        header,
+    })
+}
+
+/// A sequence's target positions (where its label counts).
+fn targets(s: &Sequence) -> Vec<u32> {
+    s.labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE_INDEX)
+        .map(|(t, _)| t as u32)
+        .collect()
+}
