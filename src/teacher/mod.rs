@@ -7,8 +7,10 @@
 //! top-k with its tail mass and log-normaliser; the hidden states of chosen layers come with it.
 pub mod config;
 pub mod live;
+pub mod vocab;
 
 pub use live::Live;
+pub use vocab::{VocabMap, VocabReport};
 
 use crate::data::Batch;
 use crate::Result;

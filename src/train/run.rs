@@ -22,7 +22,7 @@ use crate::fingerprint;
 use crate::model::{self, hf, LoadedModel};
 use crate::objective::Objective;
 use crate::student::{self, StudentInit};
-use crate::teacher::Live;
+use crate::teacher::{vocab, Live, VocabMap, VocabReport};
 use crate::{Error, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -82,6 +82,9 @@ struct Setup {
     state: TrainState,
     start: Start,
     teacher_checksum: Vec<f64>,
+    /// the teacher's distribution in the student's ids, and what the check found
+    vocab: VocabMap,
+    vocab_report: VocabReport,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -268,9 +271,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     teacher.model.set_compute_kind(t_kind);
     teacher.vs.freeze();
     student.model.set_compute_kind(cfg.student.dtype.kind());
-    if let Some(note) = student::check_vocabularies(&teacher, &student)? {
-        tracing::warn!("{note}");
-    }
+    let (mut vocab_report, vocab) = vocab::check(&teacher, &student)?;
     let context = teacher
         .model
         .config
@@ -282,11 +283,22 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.seq_len
         )));
     }
-    let tok = teacher
-        .tokenizer
-        .as_ref()
-        .expect("checked by check_vocabularies");
-    let eos = teacher
+    // the data in the student's ids (the student is what is trained); chat data rendered with its
+    // template, else the teacher's
+    let s_tok = student.tokenizer.as_ref().expect("checked by vocab::check");
+    let with_template;
+    let tok = match (&s_tok.chat_template, teacher.tokenizer.as_ref()) {
+        (None, Some(t)) if t.chat_template.is_some() => {
+            with_template = {
+                let mut x = s_tok.clone();
+                x.chat_template = t.chat_template.clone();
+                x
+            };
+            &with_template
+        }
+        _ => s_tok,
+    };
+    let eos = student
         .model
         .config
         .eos_token_ids
@@ -300,12 +312,8 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.train.display()
         )));
     }
-    // every token id must have a row in both models
-    let rows = teacher
-        .model
-        .config
-        .vocab_size
-        .min(student.model.config.vocab_size);
+    // every token id must have a row in the student and a counterpart in the teacher
+    let rows = vocab.width();
     let max_id = ds
         .train
         .iter()
@@ -316,7 +324,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         .unwrap_or(0);
     if max_id as usize >= rows {
         return Err(Error::Invalid(format!(
-            "{}: token id {max_id} is outside the models' vocabulary of {rows} rows (does the tokenizer belong to these models?)",
+            "{}: token id {max_id} is outside the {rows} ids that both models have rows for (does the tokenizer belong to these models?)",
             cfg.data.train.display()
         )));
     }
@@ -393,8 +401,23 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     } else {
         Start::Fresh
     };
+    // the teacher's mass on its padding rows, on the first validation batch (one forward pass)
+    let first: Vec<usize> = (0..ds.validation.len().min(cfg.optim.micro_batch)).collect();
+    vocab_report.teacher_padding_mass = vocab::padding_mass(
+        &teacher.model,
+        &vocab,
+        &Batch::new(&ds.validation, &first, device)?,
+    )?;
+    let summary = vocab_report.summary();
+    if opts.progress {
+        eprintln!("{summary}");
+    } else {
+        tracing::info!("{summary}");
+    }
     let teacher_checksum = weight_checksums(&teacher.vs)?;
     Ok(Setup {
+        vocab,
+        vocab_report,
         teacher_checksum,
         teacher,
         student,
@@ -434,11 +457,12 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "device": device_name(cfg.run.device),
         "threads": tch::get_num_threads(),
         "fingerprint": s.state.fingerprint,
+        "vocab": {"summary": s.vocab_report.summary(), "check": s.vocab_report},
     })
 }
 
 fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
-    let teacher = Live::new(&s.teacher.model);
+    let teacher = Live::new(&s.teacher.model).with_vocab(&s.vocab);
     distill_metrics(
         &teacher,
         &s.student.model,
@@ -490,7 +514,7 @@ fn steps(
         {
             step_opts.poison = faults.poison(step);
         }
-        let teacher = Live::new(&s.teacher.model);
+        let teacher = Live::new(&s.teacher.model).with_vocab(&s.vocab);
         for _ in 0..cfg.optim.grad_accum {
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
             let batch = Batch::new(&s.ds.train, &rows, device)?; // (B, T)
@@ -624,11 +648,14 @@ fn forward_speeds(s: &Setup, batch: usize) -> Result<(f64, f64)> {
     let rows: Vec<usize> = (0..s.ds.validation.len().min(batch.max(1))).collect();
     let b = Batch::new(&s.ds.validation, &rows, s.student.model.device())?;
     let n = b.ids.numel() as f64;
-    let time = |m: &LoadedModel| -> Result<f64> {
-        let _ = tch::no_grad(|| m.model.forward(&b.ids))?; // warm-up
+    let time = |m: &LoadedModel, ids: &tch::Tensor| -> Result<f64> {
+        let _ = tch::no_grad(|| m.model.forward(ids))?; // warm-up
         let t = Instant::now();
-        let _ = tch::no_grad(|| m.model.forward(&b.ids))?;
+        let _ = tch::no_grad(|| m.model.forward(ids))?;
         Ok(n / t.elapsed().as_secs_f64())
     };
-    Ok((time(&s.teacher)?, time(&s.student)?))
+    Ok((
+        time(&s.teacher, &s.vocab.teacher_ids(&b.ids)?)?,
+        time(&s.student, &b.ids)?,
+    ))
 }
