@@ -2,7 +2,9 @@
 //!   L = Σ_i w_i · term_i(student logits, teacher signal, labels, per-token weights)
 //! each term a weighted mean over the positions it is given. Pure: it runs no model and no backward
 //! pass (train/step.rs does); it takes the student's logits and the teacher's distribution at the
-//! same positions, compared on their shared vocabulary prefix (padding rows may differ). Stateful
+//! same positions, compared on their shared vocabulary prefix: a teacher signal mapped into the
+//! student's ids (`teacher::vocab`) is W wide, and the prefix then cuts the student's padding rows
+//! (ids ≥ W) from its logits, so both sides are renormalised over the same tokens. Stateful
 //! terms (TAID's λ) live in their losses and are saved with the checkpoint.
 use crate::losses::registry::{self, BuildContext, Loss, LossInput, LossSpec, Params};
 use crate::teacher::TeacherDist;

@@ -157,6 +157,9 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
         .map(|a| a.iter().map(s).collect())
         .unwrap_or_default();
     o += &format!("- objective: {}\n", terms.join(" + "));
+    if let Some(v) = info["vocab"]["summary"].as_str() {
+        o += &format!("- {v}\n");
+    }
     let op = &info["optim"];
     o += &format!(
         "- AdamW lr {} ({} schedule, {} warm-up steps), micro-batch {} × accumulation {}, {} steps, seed {}\n\n",

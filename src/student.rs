@@ -3,7 +3,7 @@
 //! the teacher becomes layer k of the student).
 use crate::config::{issue, Checked, Paths};
 use crate::device::Dtype;
-use crate::model::{self, hf, LoadedModel, Tokenizer};
+use crate::model::{self, hf, LoadedModel};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -112,53 +112,4 @@ pub fn from_teacher_layers(
         format: teacher.format,
         weight_types: teacher.weight_types.clone(),
     })
-}
-
-/// Teacher and student must tokenise alike. Identical vocabularies pass; a student whose embedding
-/// has a different number of (padded) rows but the same tokenizer passes with a note (the objective
-/// compares the shared prefix). Different tokenizers are refused.
-pub fn check_vocabularies(teacher: &LoadedModel, student: &LoadedModel) -> Result<Option<String>> {
-    let (tt, st) = match (&teacher.tokenizer, &student.tokenizer) {
-        (Some(a), Some(b)) => (a, b),
-        (None, _) => {
-            return Err(Error::format(
-                &teacher.source,
-                "the teacher has no tokenizer",
-            ))
-        }
-        (_, None) => {
-            return Err(Error::format(
-                &student.source,
-                "the student has no tokenizer",
-            ))
-        }
-    };
-    if tt.vocab_size() != st.vocab_size() || !same_vocab(tt, st) {
-        return Err(Error::Invalid(format!(
-            "the student's tokenizer ({}, {} tokens) differs from the teacher's ({}, {} tokens); \
-             cross-tokenizer distillation is not supported",
-            student.source.display(),
-            st.vocab_size(),
-            teacher.source.display(),
-            tt.vocab_size()
-        )));
-    }
-    let (vt, vs) = (
-        teacher.model.config.vocab_size,
-        student.model.config.vocab_size,
-    );
-    if vt != vs {
-        return Ok(Some(format!(
-            "teacher and student share a tokenizer but have {vt} and {vs} embedding rows: the objective compares the first {} (padding rows differ)",
-            vt.min(vs)
-        )));
-    }
-    Ok(None)
-}
-
-/// Same tokenizer file, or the same string for every id.
-fn same_vocab(a: &Tokenizer, b: &Tokenizer) -> bool {
-    a.json() == b.json()
-        || (0..a.vocab_size() as u32)
-            .all(|i| a.decode(&[i], false).ok() == b.decode(&[i], false).ok())
 }

@@ -3,6 +3,7 @@
 //! device once, at the top.
 mod bench;
 mod capture;
+mod check;
 mod convert;
 mod demo;
 mod eval;
@@ -51,6 +52,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
     },
+    /// Compare a teacher's and a student's vocabularies (tokens, padding rows, ids, chat
+    /// templates) before any training; exit 2 when they cannot be distilled
+    Check(check::Args),
     /// Benchmarks: a distillation step, the loss kernels, the matmul peak
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -158,6 +162,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Inspect { model } => inspect::run(&load(&model, device)?),
                 Command::Generate(args) => generate::run(args, device),
                 Command::Eval(args) => eval::run(args, device),
+                Command::Check(args) => check::run(args, device),
                 Command::Bench(cmd) => bench::run(cmd, device),
                 Command::Store(cmd) => store::run(cmd, device),
                 Command::Convert {

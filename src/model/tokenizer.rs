@@ -508,6 +508,18 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The token string of every id from 0 to the largest id (added and special tokens included;
+    /// an added token wins over the base vocabulary at its id); None for an id without a token.
+    pub fn id_tokens(&self) -> Vec<Option<String>> {
+        let end = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        (0..end as u32).map(|i| self.inner.id_to_token(i)).collect()
+    }
+
     /// The `tokenizer.json` text (byte-identical to what was read or built).
     pub fn json(&self) -> &str {
         &self.json

@@ -10,7 +10,7 @@ use super::store::select::select_rows;
 use super::store::shard::SeqRecord;
 use super::store::signal::{host_labels, no_hidden, stored_row, SparseBatch};
 use super::store::{Store, StoreWriter};
-use super::{Live, PreparedSignal, TeacherSignal};
+use super::{Live, PreparedSignal, TeacherSignal, VocabMap};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::Result;
 use std::cell::RefCell;
@@ -40,11 +40,24 @@ pub struct Hybrid<'a> {
     store: &'a Store,
     live: Live<'a>,
     state: &'a RefCell<HybridState>,
+    vocab: &'a VocabMap,
 }
 
 impl<'a> Hybrid<'a> {
-    pub fn new(store: &'a Store, live: Live<'a>, state: &'a RefCell<HybridState>) -> Self {
-        Hybrid { store, live, state }
+    /// `live` must give the same ids as the store (its vocabulary map translates no ids: padding
+    /// rows may differ, and `vocab` masks them in the store's rows).
+    pub fn new(
+        store: &'a Store,
+        live: Live<'a>,
+        state: &'a RefCell<HybridState>,
+        vocab: &'a VocabMap,
+    ) -> Self {
+        Hybrid {
+            store,
+            live,
+            state,
+            vocab,
+        }
     }
 
     /// Add live-computed rows to the store (when writing back).
@@ -106,12 +119,7 @@ impl TeacherSignal for Hybrid<'_> {
                 .into_iter()
                 .map(|r| r.expect("every row stored"))
                 .collect();
-            return Ok(Box::new(SparseBatch::new(
-                &rows,
-                &labels,
-                sel.temperature,
-                device,
-            )?));
+            return Ok(Box::new(SparseBatch::new(&rows, &labels, sel.temperature, self.vocab, device)?));
         }
         if missing.len() == stored.len() {
             let live = self.live.prepare(batch, hidden_layers)?;
@@ -139,12 +147,7 @@ impl TeacherSignal for Hybrid<'_> {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| fresh.next().expect("one selection per missing row")))
             .collect();
-        Ok(Box::new(SparseBatch::new(
-            &rows,
-            &labels,
-            sel.temperature,
-            device,
-        )?))
+        Ok(Box::new(SparseBatch::new(&rows, &labels, sel.temperature, self.vocab, device)?))
     }
 
     fn vocab_size(&self) -> usize {

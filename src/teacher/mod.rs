@@ -9,10 +9,12 @@ pub mod config;
 pub mod hybrid;
 pub mod live;
 pub mod store;
+pub mod vocab;
 
 pub use hybrid::{Hybrid, HybridState};
 pub use live::Live;
 pub use store::{Store, StoreSignal};
+pub use vocab::{VocabMap, VocabReport};
 
 use crate::data::Batch;
 use crate::Result;

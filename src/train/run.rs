@@ -23,7 +23,9 @@ use crate::model::{self, hf, LoadedModel};
 use crate::objective::Objective;
 use crate::student::{self, StudentInit};
 use crate::teacher::store::header::{teacher_hash, template_hash, tokenizer_hash};
-use crate::teacher::{Hybrid, HybridState, Live, Store, StoreSignal, TeacherSignal};
+use crate::teacher::{
+    vocab, Hybrid, HybridState, Live, Store, StoreSignal, TeacherSignal, VocabMap, VocabReport,
+};
 use crate::{Error, Result};
 use serde_json::{json, Value};
 use std::cell::RefCell;
@@ -88,6 +90,9 @@ struct Setup {
     state: TrainState,
     start: Start,
     teacher_checksum: Vec<f64>,
+    /// the teacher's distribution in the student's ids, and what the check found
+    vocab: VocabMap,
+    vocab_report: VocabReport,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -303,10 +308,32 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         }
         teacher.model.set_compute_kind(t_kind);
         teacher.vs.freeze();
-        if let Some(note) = student::check_vocabularies(teacher, &student)? {
-            tracing::warn!("{note}");
-        }
     }
+    let (mut vocab_report, vocab) = match (&teacher, &cfg.teacher.store) {
+        (Some(t), _) => vocab::check(t, &student)?,
+        // a store-only run: the store's rows against the student's, one tokenizer (the store's
+        // tokenizer is checked against the student's below)
+        (None, Some(dir)) => {
+            let rows = Store::open(dir)?.header.vocab_rows;
+            let tok = student
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| Error::format(&student.source, "the student has no tokenizer"))?;
+            vocab::compare(
+                vocab::Side {
+                    source: dir,
+                    tokenizer: tok,
+                    rows,
+                },
+                vocab::Side {
+                    source: &student.source,
+                    tokenizer: tok,
+                    rows: student.model.config.vocab_size,
+                },
+            )?
+        }
+        (None, None) => unreachable!("the config asks for a teacher path or a store"),
+    };
     let context = teacher
         .as_ref()
         .map_or(usize::MAX, |t| t.model.config.max_position_embeddings)
@@ -317,13 +344,32 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.seq_len
         )));
     }
-    // the data is read with the tokenizer of the model that reads it (identical when both exist)
-    let reader = teacher.as_ref().unwrap_or(&student);
-    let tok = reader
-        .tokenizer
-        .as_ref()
-        .ok_or_else(|| Error::format(&reader.source, "the model has no tokenizer"))?;
-    let ds = data::load(&cfg.data, tok, model::eos_id(reader))?;
+    // the data in the student's ids (the student is what is trained); chat data rendered with its
+    // template, else the teacher's
+    let s_tok = student.tokenizer.as_ref().expect("checked by vocab::check");
+    let with_template;
+    let tok = match (
+        &s_tok.chat_template,
+        teacher.as_ref().and_then(|t| t.tokenizer.as_ref()),
+    ) {
+        (None, Some(t)) if t.chat_template.is_some() => {
+            with_template = {
+                let mut x = s_tok.clone();
+                x.chat_template = t.chat_template.clone();
+                x
+            };
+            &with_template
+        }
+        _ => s_tok,
+    };
+    let eos = student
+        .model
+        .config
+        .eos_token_ids
+        .first()
+        .copied()
+        .or_else(|| tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)));
+    let ds = data::load(&cfg.data, tok, eos)?;
     if ds.validation.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: too little data to hold out a validation sequence; give data.validation",
@@ -345,12 +391,13 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             teacher = None;
         }
     }
-    // every token id must have a row in both models
-    let rows = teacher
-        .as_ref()
-        .map_or(usize::MAX, |t| t.model.config.vocab_size)
-        .min(store.as_ref().map_or(usize::MAX, |s| s.header.vocab_rows))
-        .min(student.model.config.vocab_size);
+    if store.is_some() && vocab.translates_ids() {
+        return Err(Error::Invalid(
+            "teacher.store: the student's tokenizer has tokens at other ids than the teacher's; a store is read in the teacher's ids, which is supported only when they agree (padding rows may differ)".into(),
+        ));
+    }
+    // every token id must have a row in the student and a counterpart in the teacher
+    let rows = vocab.width();
     let max_id = ds
         .train
         .iter()
@@ -361,7 +408,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         .unwrap_or(0);
     if max_id as usize >= rows {
         return Err(Error::Invalid(format!(
-            "{}: token id {max_id} is outside the models' vocabulary of {rows} rows (does the tokenizer belong to these models?)",
+            "{}: token id {max_id} is outside the {rows} ids that both models have rows for (does the tokenizer belong to these models?)",
             cfg.data.train.display()
         )));
     }
@@ -473,11 +520,28 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     } else {
         Start::Fresh
     };
+    // the teacher's mass on its padding rows, on the first validation batch (one forward pass)
+    if let Some(t) = &teacher {
+        let first: Vec<usize> = (0..ds.validation.len().min(cfg.optim.micro_batch)).collect();
+        vocab_report.teacher_padding_mass = vocab::padding_mass(
+            &t.model,
+            &vocab,
+            &Batch::new(&ds.validation, &first, device)?,
+        )?;
+    }
+    let summary = vocab_report.summary();
+    if opts.progress {
+        eprintln!("{summary}");
+    } else {
+        tracing::info!("{summary}");
+    }
     let teacher_checksum = match &teacher {
         Some(t) => weight_checksums(&t.vs)?,
         None => vec![],
     };
     Ok(Setup {
+        vocab,
+        vocab_report,
         teacher_checksum,
         teacher,
         store,
@@ -529,6 +593,7 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "device": device_name(cfg.run.device),
         "threads": tch::get_num_threads(),
         "fingerprint": s.state.fingerprint,
+        "vocab": {"summary": s.vocab_report.summary(), "check": s.vocab_report},
     })
 }
 
@@ -537,11 +602,13 @@ fn signal<'a>(
     teacher: &'a Option<LoadedModel>,
     store: &'a Option<Store>,
     hybrid: &'a RefCell<HybridState>,
+    vocab: &'a VocabMap,
 ) -> Box<dyn TeacherSignal + 'a> {
+    let live = |t: &'a LoadedModel| Live::new(&t.model).with_vocab(vocab);
     match (teacher, store) {
-        (Some(t), None) => Box::new(Live::new(&t.model)),
-        (None, Some(st)) => Box::new(StoreSignal::new(st)),
-        (Some(t), Some(st)) => Box::new(Hybrid::new(st, Live::new(&t.model), hybrid)),
+        (Some(t), None) => Box::new(live(t)),
+        (None, Some(st)) => Box::new(StoreSignal::new(st, vocab)),
+        (Some(t), Some(st)) => Box::new(Hybrid::new(st, live(t), hybrid, vocab)),
         (None, None) => unreachable!("the config asks for a teacher path or a store"),
     }
 }
@@ -627,7 +694,7 @@ fn open_store(
 }
 
 fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
-    let teacher = signal(&s.teacher, &s.store, &s.hybrid);
+    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
     distill_metrics(
         teacher.as_ref(),
         &s.student.model,
@@ -679,7 +746,7 @@ fn steps(
         {
             step_opts.poison = faults.poison(step);
         }
-        let teacher = signal(&s.teacher, &s.store, &s.hybrid);
+        let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
         for _ in 0..cfg.optim.grad_accum {
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
             let batch = Batch::new(&s.ds.train, &rows, device)?; // (B, T)
@@ -827,15 +894,15 @@ fn forward_speeds(s: &Setup, batch: usize) -> Result<(Option<f64>, f64)> {
     let rows: Vec<usize> = (0..s.ds.validation.len().min(batch.max(1))).collect();
     let b = Batch::new(&s.ds.validation, &rows, s.student.model.device())?;
     let n = b.ids.numel() as f64;
-    let time = |m: &LoadedModel| -> Result<f64> {
-        let _ = tch::no_grad(|| m.model.forward(&b.ids))?; // warm-up
+    let time = |m: &LoadedModel, ids: &tch::Tensor| -> Result<f64> {
+        let _ = tch::no_grad(|| m.model.forward(ids))?; // warm-up
         let t = Instant::now();
-        let _ = tch::no_grad(|| m.model.forward(&b.ids))?;
+        let _ = tch::no_grad(|| m.model.forward(ids))?;
         Ok(n / t.elapsed().as_secs_f64())
     };
     let teacher = match &s.teacher {
-        Some(t) => Some(time(t)?),
+        Some(t) => Some(time(t, &s.vocab.teacher_ids(&b.ids)?)?),
         None => None,
     };
-    Ok((teacher, time(&s.student)?))
+    Ok((teacher, time(&s.student, &b.ids)?))
 }

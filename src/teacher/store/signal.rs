@@ -8,17 +8,19 @@
 use super::reader::Store;
 use super::select::Kept;
 use crate::data::{Batch, IGNORE_INDEX};
-use crate::teacher::{PreparedSignal, SparseDist, TeacherDist, TeacherSignal};
+use crate::teacher::{PreparedSignal, SparseDist, TeacherDist, TeacherSignal, VocabMap};
 use crate::{Error, Result};
 use tch::{Device, Tensor};
 
 pub struct StoreSignal<'s> {
     store: &'s Store,
+    vocab: &'s VocabMap,
 }
 
 impl<'s> StoreSignal<'s> {
-    pub fn new(store: &'s Store) -> Self {
-        StoreSignal { store }
+    /// `vocab` takes the store's (teacher) ids to the student's (padding rows masked).
+    pub fn new(store: &'s Store, vocab: &'s VocabMap) -> Self {
+        StoreSignal { store, vocab }
     }
 }
 
@@ -62,11 +64,13 @@ pub struct SparseBatch {
 }
 
 impl SparseBatch {
-    /// From each row's kept sets (one per target position, in order) and the rows' labels.
+    /// From each row's kept sets (one per target position, in order, in the teacher's ids) and the
+    /// rows' labels; `vocab` takes the ids to the student's.
     pub fn new(
         rows: &[Vec<Kept>],
         labels: &[Vec<i64>],
         temperature: f64,
+        vocab: &VocabMap,
         device: Device,
     ) -> Result<SparseBatch> {
         let k = rows
@@ -110,15 +114,21 @@ impl SparseBatch {
             }
         }
         let nk = [n as i64, k as i64];
-        Ok(SparseBatch {
-            indices: Tensor::f_from_slice(&ids)?
-                .f_view(nk)?
-                .f_to_device(device)?,
-            logprobs: Tensor::f_from_slice(&lps)?
-                .f_view(nk)?
-                .f_to_device(device)?,
+        let dist = vocab.apply(TeacherDist::Sparse(SparseDist {
+            indices: Tensor::f_from_slice(&ids)?.f_view(nk)?.f_to_device(device)?,
+            logprobs: Tensor::f_from_slice(&lps)?.f_view(nk)?.f_to_device(device)?,
             tail_mass: Tensor::f_from_slice(&tail)?.f_to_device(device)?,
             log_z: Tensor::f_from_slice(&log_z)?.f_to_device(device)?,
+            temperature,
+        }))?;
+        let TeacherDist::Sparse(d) = dist else {
+            unreachable!("a vocabulary map keeps a sparse signal sparse")
+        };
+        Ok(SparseBatch {
+            indices: d.indices,
+            logprobs: d.logprobs,
+            tail_mass: d.tail_mass,
+            log_z: d.log_z,
             temperature,
         })
     }
@@ -174,6 +184,7 @@ impl TeacherSignal for StoreSignal<'_> {
             &rows,
             &labels,
             self.store.header.selection.temperature,
+            self.vocab,
             batch.ids.device(),
         )?))
     }

@@ -1,0 +1,591 @@
+//! The teacher store: capture → read round trip against the teacher's own logits, a SIGKILL
+//! during capture then resume, each identity mismatch, a damaged shard, append, the hybrid (equal
+//! to the live teacher where the store has nothing; write-back), training from a full-coverage
+//! store against the live teacher, inspect and verify, and a shard read from Python.
+mod common;
+use common::*;
+use distill::config::RunConfig;
+use distill::model::{self, LlamaConfig, Tokenizer};
+use distill::teacher::store::select::Quant;
+use distill::teacher::Store;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+fn tiny(dir: &Path, name: &str, seed: i64, scale: f64, specials: &[&str]) {
+    let mut cfg = LlamaConfig::tiny(259, 48, 2, 4, 2);
+    cfg.eos_token_ids = vec![256];
+    let mut m = model::random(&cfg, Device::Cpu, seed).unwrap();
+    tch::no_grad(|| {
+        let mut e = m.vs.variables()["model.embed_tokens.weight"].shallow_clone();
+        let _ = e.f_mul_scalar_(scale).unwrap();
+    });
+    m.tokenizer = Some(Tokenizer::byte_level(specials).unwrap());
+    m.save_hf(&dir.join(name)).unwrap();
+}
+
+/// `n` words drawn by a linear congruential generator from `seed` (no two sequences alike).
+fn words(n: usize, seed: u64) -> String {
+    let w = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"];
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            format!("{} ", w[(x >> 33) as usize % w.len()])
+        })
+        .collect()
+}
+
+/// Models (teacher, student, another teacher), two texts, and run files.
+fn env() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tiny(d, "teacher", 7, 120.0, SPECIALS);
+    tiny(d, "student", 8, 1.0, SPECIALS);
+    tiny(d, "other_teacher", 9, 120.0, SPECIALS);
+    tiny(
+        d,
+        "other_tokenizer",
+        8,
+        1.0,
+        &["<|endoftext|>", "<|a|>", "<|b|>"],
+    );
+    std::fs::write(d.join("a.txt"), words(600, 1)).unwrap();
+    std::fs::write(d.join("b.txt"), words(300, 2)).unwrap();
+    dir
+}
+
+fn run_file(dir: &Path, name: &str, teacher: &str, extra: &str) {
+    let text = format!(
+        r#"
+[teacher]
+{teacher}
+
+[student]
+path = "student"
+
+[data]
+train = "a.txt"
+seq_len = 32
+validation_fraction = 0.1
+max_validation_sequences = 3
+
+[[loss]]
+kind = "forward_kl"
+
+[optim]
+lr = 3e-3
+micro_batch = 2
+
+[run]
+steps = 3
+eval_every = 0
+checkpoint_every = 0
+seed = 5
+output = "out-{name}"
+threads = 1
+
+[capture]
+coverage = 0.9
+max_k = 16
+shard_sequences = 5
+{extra}
+"#
+    );
+    std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn p(dir: &Path, x: &str) -> String {
+    dir.join(x).display().to_string()
+}
+
+/// Every record of a store by key: (tokens, at, ids, logprobs, tail, log_z), for comparisons.
+type Rec = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>);
+fn records(dir: &Path) -> std::collections::BTreeMap<u64, Rec> {
+    let store = Store::open(dir).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for s in 0..store.header.shards.len() {
+        let sh = store.shard(s).unwrap();
+        for row in 0..sh.len() {
+            let pos = sh.positions(row);
+            let e = sh.entry_at[pos.start]..sh.entry_at[pos.end];
+            let prev = out.insert(
+                sh.keys[row],
+                (
+                    sh.tokens_of(row).to_vec(),
+                    sh.at[pos.clone()].to_vec(),
+                    sh.ids[e.clone()].to_vec(),
+                    sh.logprobs[e].to_vec(),
+                    sh.tail_mass[pos.clone()].to_vec(),
+                    sh.log_z[pos].to_vec(),
+                ),
+            );
+            assert!(prev.is_none(), "key {:x} stored twice", sh.keys[row]);
+        }
+    }
+    out
+}
+
+#[test]
+fn capture_round_trip_matches_the_teachers_distribution() {
+    let env = env();
+    let d = env.path();
+    for (q, quant) in [("u8", Quant::U8), ("f16", Quant::F16)] {
+        let name = format!("rt-{q}");
+        run_file(
+            d,
+            &name,
+            &format!("path = \"teacher\"\nstore = \"store-{q}\""),
+            &format!("quantisation = \"{q}\""),
+        );
+        let out = ok(&distill(&["capture", &p(d, &format!("{name}.toml"))]));
+        assert!(out.contains("captured"), "{out}");
+        let cfg = RunConfig::load(&d.join(format!("{name}.toml")), &[]).unwrap();
+        let teacher = model::load(&d.join("teacher"), Device::Cpu).unwrap();
+        let tok = teacher.tokenizer.as_ref().unwrap();
+        let ds = distill::data::load(&cfg.data, tok, model::eos_id(&teacher)).unwrap();
+        let store = Store::open(&d.join(format!("store-{q}"))).unwrap();
+        assert!(store.header.shards.len() > 1, "several shards");
+        let sel = store.header.selection;
+        assert_eq!(sel.quantisation, quant);
+        let mut positions = 0;
+        for seq in ds.validation.iter().chain(&ds.train) {
+            let rec = store
+                .get(seq.key())
+                .unwrap()
+                .expect("every sequence captured");
+            let sh = &rec.shard;
+            assert_eq!(sh.tokens_of(rec.row), &seq.ids[..]);
+            // the reference: the teacher's logits, in f64
+            let ids: Vec<i64> = seq.ids.iter().map(|&x| x as i64).collect();
+            let x = Tensor::from_slice(&ids).view([1, -1]);
+            let logits = tch::no_grad(|| teacher.model.forward(&x).unwrap())
+                .squeeze_dim(0)
+                .to_kind(Kind::Double);
+            let lp = logits.log_softmax(-1, Kind::Double);
+            let lz = logits.logsumexp(&[-1i64][..], false);
+            let targets: Vec<usize> = (0..seq.labels.len())
+                .filter(|&t| seq.labels[t] != -100)
+                .collect();
+            let range = sh.positions(rec.row);
+            assert_eq!(range.len(), targets.len());
+            for (p, &t) in range.zip(&targets) {
+                assert_eq!(sh.at[p] as usize, t);
+                let row: Vec<f64> = Vec::<f64>::try_from(lp.get(t as i64)).unwrap();
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|a, b| row[*b].total_cmp(&row[*a]));
+                let e = sh.entries(p);
+                let kept: Vec<usize> = sh.ids[e.clone()].iter().map(|&i| i as usize).collect();
+                let stored = &sh.logprobs[e];
+                let label = seq.labels[t] as usize;
+                assert!(kept.contains(&label), "label kept");
+                assert!(kept.len() <= sel.max_k);
+                // the non-label part is a most-probable prefix (to f32 rounding of near-ties)
+                let top: Vec<usize> = kept
+                    .iter()
+                    .copied()
+                    .filter(|&i| i != label || order[..kept.len()].contains(&label))
+                    .collect();
+                let m = top.len();
+                let mth = row[order[m - 1]];
+                for &i in &top {
+                    assert!(
+                        row[i] >= mth - 1e-5,
+                        "kept token {i} is not among the top {m}"
+                    );
+                }
+                // the smallest prefix reaching the coverage, unless capped
+                let mass = |n: usize| -> f64 { order[..n].iter().map(|&i| row[i].exp()).sum() };
+                let capped = kept.len() == sel.max_k;
+                if !capped {
+                    assert!(
+                        mass(m) >= sel.coverage - 1e-5,
+                        "prefix reaches the coverage"
+                    );
+                }
+                if m > 1 {
+                    assert!(
+                        mass(m - 1) < sel.coverage + 1e-5,
+                        "no shorter prefix reaches it"
+                    );
+                }
+                // values: quantised log p; tail = 1 − Σ kept p; log Z
+                let step = match quant {
+                    Quant::U8 => 20.0 / 255.0 / 2.0,
+                    Quant::F16 => 0.0,
+                };
+                let mut kept_mass = 0.0;
+                for (&i, &s) in kept.iter().zip(stored) {
+                    let r = row[i];
+                    kept_mass += r.exp();
+                    let tol = step + r.abs() * 2f64.powi(-11) + 1e-5;
+                    if r > -20.0 {
+                        assert!((s as f64 - r).abs() <= tol, "log p {s} vs {r}");
+                    }
+                }
+                assert!((sh.tail_mass[p] as f64 - (1.0 - kept_mass).max(0.0)).abs() < 1e-5);
+                let z = lz.double_value(&[t as i64]);
+                assert!((sh.log_z[p] as f64 - z).abs() <= 1e-5 * z.abs().max(1.0));
+                positions += 1;
+            }
+        }
+        assert_eq!(positions, store.header.positions());
+    }
+}
+
+#[test]
+fn a_shard_opens_in_python() {
+    let env = env();
+    let d = env.path();
+    run_file(d, "py", "path = \"teacher\"\nstore = \"store\"", "");
+    ok(&distill(&["capture", &p(d, "py.toml")]));
+    let store = Store::open(&d.join("store")).unwrap();
+    let sh = store.shard(0).unwrap();
+    let script = r#"
+import sys, json, zstandard, safetensors.numpy as sn
+t = sn.load(zstandard.ZstdDecompressor().decompress(open(sys.argv[1], "rb").read()))
+print(json.dumps({k: [str(v.dtype), int(v.shape[0]), float(v.astype("float64").sum())] for k, v in t.items()}))
+"#;
+    let out = std::process::Command::new(python())
+        .args(["-c", script, &p(d, "store/shard-00000.safetensors.zst")])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(v["ids"][1], sh.ids.len());
+    assert_eq!(
+        v["ids"][2].as_f64().unwrap(),
+        sh.ids.iter().map(|&x| x as f64).sum::<f64>()
+    );
+    assert_eq!(v["k"][1], sh.tail_mass.len());
+    assert_eq!(v["keys"][1], sh.len());
+    assert_eq!(v["logprobs"][0], "uint8");
+    let lp: f64 = sh.logprobs.iter().map(|&x| x as f64).sum();
+    let q = v["logprobs"][2].as_f64().unwrap(); // Σ q, log p = −q · 20/255
+    assert!((lp + q * 20.0 / 255.0).abs() < 1e-6 * lp.abs() + 1e-3);
+}
+
+#[test]
+fn a_capture_killed_between_shard_and_header_resumes_without_repeats_or_gaps() {
+    let env = env();
+    let d = env.path();
+    run_file(d, "whole", "path = \"teacher\"\nstore = \"whole\"", "");
+    run_file(d, "killed", "path = \"teacher\"\nstore = \"killed\"", "");
+    ok(&distill(&["capture", &p(d, "whole.toml")]));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["capture", &p(d, "killed.toml")])
+        .env("DISTILL_FAULT_CAPTURE_DIE_AFTER_SHARD", "2")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "killed by SIGKILL");
+    // the header lists the two complete shards; the third file is an orphan
+    let h = Store::open(&d.join("killed")).unwrap().header;
+    assert_eq!(h.shards.len(), 2);
+    assert!(d.join("killed/shard-00002.safetensors.zst").exists());
+    let again = ok(&distill(&["capture", &p(d, "killed.toml")]));
+    assert!(again.contains("10 were already in the store"), "{again}");
+    assert_eq!(records(&d.join("killed")), records(&d.join("whole")));
+    // a third run has nothing to do
+    let third = ok(&distill(&["capture", &p(d, "killed.toml")]));
+    assert!(third.contains("captured 0 sequences"), "{third}");
+}
+
+#[test]
+fn a_store_that_belongs_elsewhere_is_refused_by_name() {
+    let env = env();
+    let d = env.path();
+    run_file(d, "cap", "path = \"teacher\"\nstore = \"store\"", "");
+    ok(&distill(&["capture", &p(d, "cap.toml")]));
+    // teacher: a hybrid run with another teacher model
+    run_file(d, "t", "path = \"other_teacher\"\nstore = \"store\"", "");
+    assert_clean_failure(
+        &distill(&["train", &p(d, "t.toml")]),
+        &["store.json", "teacher (store"],
+    );
+    // tokenizer: a store-only run whose student reads the data with another tokenizer
+    run_file(d, "tok", "store = \"store\"", "");
+    let text = std::fs::read_to_string(d.join("tok.toml")).unwrap();
+    std::fs::write(
+        d.join("tok.toml"),
+        text.replace("path = \"student\"", "path = \"other_tokenizer\""),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &distill(&["train", &p(d, "tok.toml")]),
+        &["tokenizer (store"],
+    );
+    // chat template: the same tokenizer with a template added
+    let templ = d.join("student_templ");
+    std::fs::create_dir_all(&templ).unwrap();
+    for f in std::fs::read_dir(d.join("student")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, templ.join(f.file_name().unwrap())).unwrap();
+    }
+    let tc = templ.join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    v["chat_template"] = serde_json::json!("{% for m in messages %}{{ m['content'] }}{% endfor %}");
+    std::fs::write(&tc, v.to_string()).unwrap();
+    std::fs::write(
+        d.join("templ.toml"),
+        text.replace("path = \"student\"", "path = \"student_templ\""),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &distill(&["train", &p(d, "templ.toml")]),
+        &["chat_template (store"],
+    );
+    // seq_len
+    run_file(d, "sl", "store = \"store\"", "");
+    assert_clean_failure(
+        &distill(&["train", &p(d, "sl.toml"), "--set", "data.seq_len=16"]),
+        &["seq_len (store 32, this run 16)"],
+    );
+    // data: other text, no teacher model to fill in
+    run_file(d, "data", "store = \"store\"", "");
+    let text = std::fs::read_to_string(d.join("data.toml")).unwrap();
+    std::fs::write(d.join("data.toml"), text.replace("a.txt", "b.txt")).unwrap();
+    assert_clean_failure(
+        &distill(&["train", &p(d, "data.toml")]),
+        &[
+            "data: ",
+            "sequences this run reads are not in the store",
+            "--append",
+        ],
+    );
+    // nothing was written by the refused runs
+    for n in ["t", "tok", "templ", "sl", "data"] {
+        assert!(!d.join(format!("out-{n}")).exists(), "{n}");
+    }
+}
+
+#[test]
+fn a_damaged_shard_is_refused_naming_the_file() {
+    let env = env();
+    let d = env.path();
+    run_file(d, "cap", "path = \"teacher\"\nstore = \"store\"", "");
+    ok(&distill(&["capture", &p(d, "cap.toml")]));
+    run_file(d, "from", "store = \"store\"", "");
+    let shard = d.join("store/shard-00001.safetensors.zst");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&shard, &bytes).unwrap();
+    assert_clean_failure(
+        &distill(&["store", "inspect", &p(d, "store")]),
+        &["shard-00001.safetensors.zst", "damaged shard"],
+    );
+    // truncated: the same error, naming the file
+    std::fs::write(&shard, &bytes[..mid]).unwrap();
+    let out = distill(&["train", &p(d, "from.toml"), "--set", "run.steps=200"]);
+    assert_clean_failure(&out, &["shard-00001.safetensors.zst", "damaged shard"]);
+}
+
+/// The student's weights and the train records' losses of a finished run.
+fn result(d: &Path, name: &str) -> (Vec<u8>, Vec<f64>) {
+    let out = d.join(format!("out-{name}"));
+    let w = std::fs::read(out.join("student/model.safetensors")).unwrap();
+    let losses = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
+    (w, losses)
+}
+
+#[test]
+fn a_hybrid_equals_the_live_teacher_where_the_store_has_nothing() {
+    let env = env();
+    let d = env.path();
+    // a store of the other text only
+    run_file(d, "cap", "path = \"teacher\"\nstore = \"store\"", "");
+    let text = std::fs::read_to_string(d.join("cap.toml")).unwrap();
+    std::fs::write(d.join("cap.toml"), text.replace("a.txt", "b.txt")).unwrap();
+    ok(&distill(&["capture", &p(d, "cap.toml")]));
+    run_file(d, "live", "path = \"teacher\"", "");
+    run_file(d, "hybrid", "path = \"teacher\"\nstore = \"store\"", "");
+    ok(&distill(&["train", &p(d, "live.toml")]));
+    ok(&distill(&["train", &p(d, "hybrid.toml")]));
+    let (wl, ll) = result(d, "live");
+    let (wh, lh) = result(d, "hybrid");
+    assert_eq!(ll, lh, "losses step for step");
+    assert!(wl == wh, "the same student, bit for bit");
+    let m = std::fs::read_to_string(d.join("out-hybrid/metrics.jsonl")).unwrap();
+    assert!(
+        m.contains("\"store_fraction\":0.0"),
+        "the store served nothing: {m}"
+    );
+}
+
+#[test]
+fn append_and_write_back_grow_the_store() {
+    let env = env();
+    let d = env.path();
+    run_file(d, "a", "path = \"teacher\"\nstore = \"store\"", "");
+    ok(&distill(&["capture", &p(d, "a.toml"), "--steps", "1"]));
+    let before = Store::open(&d.join("store")).unwrap().len();
+    assert_eq!(before, 3 + 2, "validation and one step's micro-batch");
+    // other data without --append is refused, with it added
+    run_file(d, "b", "path = \"teacher\"\nstore = \"store\"", "");
+    let text = std::fs::read_to_string(d.join("b.toml")).unwrap();
+    std::fs::write(d.join("b.toml"), text.replace("a.txt", "b.txt")).unwrap();
+    assert_clean_failure(
+        &distill(&["capture", &p(d, "b.toml")]),
+        &["data: ", "--append"],
+    );
+    let out = ok(&distill(&["capture", &p(d, "b.toml"), "--append"]));
+    assert!(out.contains("captured"), "{out}");
+    let with_b = Store::open(&d.join("store")).unwrap();
+    assert!(with_b.len() > before);
+    assert_eq!(with_b.header.captures.len(), 2);
+    // a store-only run on b's data reads only stored sequences
+    run_file(d, "onb", "store = \"store\"", "");
+    let text = std::fs::read_to_string(d.join("onb.toml")).unwrap();
+    std::fs::write(d.join("onb.toml"), text.replace("a.txt", "b.txt")).unwrap();
+    ok(&distill(&["train", &p(d, "onb.toml")]));
+    // a hybrid run of 3 steps on a's data: step 1's rows from the store, the rest live, written back
+    run_file(
+        d,
+        "wb",
+        "path = \"teacher\"\nstore = \"store\"\nwrite_back = true",
+        "",
+    );
+    ok(&distill(&["train", &p(d, "wb.toml")]));
+    let m = std::fs::read_to_string(d.join("out-wb/metrics.jsonl")).unwrap();
+    let fr: Vec<f64> = m
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| r["store_fraction"].as_f64())
+        .collect();
+    assert_eq!(fr.len(), 3);
+    assert!(fr[2] < 1.0 && fr[2] > 0.0, "{fr:?}");
+    let after = Store::open(&d.join("store")).unwrap().len();
+    assert!(
+        after >= with_b.len() + 2,
+        "steps 2 and 3's rows written back"
+    );
+    // now a store-only run of those 3 steps has every sequence it reads
+    run_file(d, "only", "store = \"store\"", "");
+    ok(&distill(&["train", &p(d, "only.toml")]));
+}
+
+#[test]
+fn a_full_coverage_store_trains_like_the_live_teacher() {
+    let env = env();
+    let d = env.path();
+    // every token kept, f16 log-probabilities: the reduced distribution is the full one
+    run_file(
+        d,
+        "full",
+        "path = \"teacher\"\nstore = \"store\"",
+        "quantisation = \"f16\"\n",
+    );
+    let text = std::fs::read_to_string(d.join("full.toml")).unwrap();
+    std::fs::write(
+        d.join("full.toml"),
+        text.replace("coverage = 0.9", "coverage = 1.0").replace("max_k = 16", "max_k = 259"),
+    )
+    .unwrap();
+    ok(&distill(&["capture", &p(d, "full.toml")]));
+    run_file(d, "live", "path = \"teacher\"", "");
+    run_file(d, "stored", "store = \"store\"", "");
+    ok(&distill(&["train", &p(d, "live.toml")]));
+    ok(&distill(&["train", &p(d, "stored.toml")]));
+    let (_, ll) = result(d, "live");
+    let (_, ls) = result(d, "stored");
+    // |Δ KL| ≤ Σ p |δ log p| + |δ log Σ p| ≤ 2 max |δ|, with |δ| ≤ |log p| · 2⁻¹¹ (f16), and the
+    // student's own f32 rounding; the stored log p lie above −30 here
+    let store = Store::open(&d.join("store")).unwrap();
+    let sh = store.shard(0).unwrap();
+    let max_lp = sh
+        .logprobs
+        .iter()
+        .fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let bound = 2.0 * max_lp * 2f64.powi(-11) + 1e-4;
+    assert!(
+        (ll[0] - ls[0]).abs() <= bound,
+        "step 1: live {} store {} (bound {bound})",
+        ll[0],
+        ls[0]
+    );
+    let m = std::fs::read_to_string(d.join("out-stored/run.json")).unwrap();
+    assert!(m.contains("\"format\": \"store\""), "{m}");
+}
+
+#[test]
+fn inspect_and_verify_describe_the_store() {
+    let env = env();
+    let d = env.path();
+    run_file(
+        d,
+        "cap",
+        "path = \"teacher\"\nstore = \"store\"",
+        "quantisation = \"f16\"",
+    );
+    ok(&distill(&["capture", &p(d, "cap.toml")]));
+    let i: serde_json::Value = serde_json::from_str(&ok(&distill(&[
+        "store",
+        "inspect",
+        &p(d, "store"),
+        "--json",
+    ])))
+    .unwrap();
+    let store = Store::open(&d.join("store")).unwrap();
+    let h = &store.header;
+    assert_eq!(i["positions"], h.positions());
+    assert_eq!(i["bytes"], h.bytes());
+    let bpt = i["bytes_per_token"].as_f64().unwrap();
+    assert!((bpt - h.bytes() as f64 / h.positions() as f64).abs() < 1e-9);
+    assert!(
+        (i["mean_k"].as_f64().unwrap() - h.entries() as f64 / h.positions() as f64).abs() < 1e-9
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&distill(&[
+        "store",
+        "verify",
+        &p(d, "store"),
+        "--positions",
+        "100000",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["teacher_matches"], true);
+    assert_eq!(v["positions"], h.positions(), "every position verified");
+    // the recomputed mass of the kept tokens equals what the store says it kept (1 − tail)
+    let mass = v["captured_mass"].as_f64().unwrap();
+    assert!(
+        (mass - i["mean_mass"].as_f64().unwrap()).abs() < 1e-4,
+        "{v} {i}"
+    );
+    // f16: KL between the exact and stored reduced distributions is second order in δ ≤ 2⁻¹¹·30
+    assert!(v["kl_reduced"].as_f64().unwrap() < 1e-4, "{v}");
+    assert!(v["max_abs_logprob_error"].as_f64().unwrap() < 30.0 * 2f64.powi(-11) + 1e-5);
+    // another teacher is named as such
+    let out = ok(&distill(&[
+        "store",
+        "verify",
+        &p(d, "store"),
+        "--teacher",
+        &p(d, "other_teacher"),
+        "--positions",
+        "10",
+    ]));
+    assert!(
+        out.contains("is not the teacher the store was captured from"),
+        "{out}"
+    );
+}
