@@ -187,7 +187,8 @@ impl LossInput<'_> {
         match self.reduced {
             Some(r) if !super::reduced::same_temperature(r.temperature, temperature) => {
                 Err(Error::Invalid(format!(
-                    "{name}: reads the teacher at temperature {temperature}, the store's signal is                      at {}",
+                    "{name}: reads the teacher at temperature {temperature}, the store's signal is \
+                     at {}",
                     r.temperature
                 )))
             }
