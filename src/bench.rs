@@ -269,6 +269,7 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
             let l = loss.compute(&LossInput {
                 student: &s,
                 teacher: Some(&t),
+                reduced: None,
                 labels: &labels,
                 weights: &weights,
             })?;

@@ -4,7 +4,7 @@
 //! perplexity = exp(Σ −log q(x_t | x_<t) / N), N = number of predicted tokens.
 use crate::data::{Batch, Sequence};
 use crate::model::Llama;
-use crate::teacher::TeacherSignal;
+use crate::teacher::{TeacherDist, TeacherSignal};
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -75,6 +75,11 @@ pub fn perplexity(model: &Llama, ids: &[u32], window: usize, batch: usize) -> Re
 /// position weighted by its per-token weight (1 on targets by default): student and teacher
 /// perplexity exp(Σ w·NLL / Σ w), KL(teacher‖student) per token (T = 1, shared vocabulary) and how
 /// often the student's top-1 token equals the teacher's.
+/// From a teacher store (a sparse signal) the teacher's side is the store's, at its capture
+/// temperature T: the teacher's NLL is −(the label's stored log-probability at T), the KL is the
+/// reduced forward KL(p̃‖q̃) at T (losses/reduced.rs: the stored tokens and one tail bucket), and the
+/// teacher's top-1 is the stored token of highest log-probability. The student's perplexity stays
+/// its own at T = 1.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DistillMetrics {
     pub student_ppl: f64,
@@ -102,6 +107,7 @@ pub fn distill_metrics(
         (zero()?, zero()?, zero()?, zero()?, zero()?);
     let mut n = 0usize;
     // the data's labels were checked when read; the teacher signal is a model's (finite) logits
+    // or a store's (read back checked)
     crate::losses::trusted(|| {
         tch::no_grad(|| -> Result<()> {
             let idx: Vec<usize> = (0..seqs.len()).collect();
@@ -112,9 +118,6 @@ pub fn distill_metrics(
                 let s = student.forward(&b.ids)?.f_flatten(0, 1)?; // (N, Vs)
                 let t = teacher.prepare(&b, &[])?;
                 let t = t.positions(0, t.len())?;
-                let t = t.dense()?; // (N, Vt)
-                let v = s.size()[1].min(t.size()[1]);
-                let (s, t) = (s.f_narrow(1, 0, v)?, t.f_narrow(1, 0, v)?);
                 let w = w.f_to_kind(Kind::Double)?;
                 let counted = w.f_ne(0.0)?;
                 let safe = labels.f_clamp_min(0)?.f_unsqueeze(-1)?;
@@ -134,15 +137,55 @@ pub fn distill_metrics(
                             .f_neg()?,
                     )
                 };
-                nll_s = nll_s.f_add(&nll(&s)?)?;
-                nll_t = nll_t.f_add(&nll(&t)?)?;
-                kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(
-                    &s, &t, 1.0,
-                )?)?)?;
-                let same = s
-                    .f_argmax(-1, false)?
-                    .f_eq_tensor(&t.f_argmax(-1, false)?)?;
-                agree = agree.f_add(&weighted(&same)?)?;
+                match &t {
+                    TeacherDist::Dense(t) => {
+                        // (N, Vt)
+                        let v = s.size()[1].min(t.size()[1]);
+                        let (s, t) = (s.f_narrow(1, 0, v)?, t.f_narrow(1, 0, v)?);
+                        nll_s = nll_s.f_add(&nll(&s)?)?;
+                        nll_t = nll_t.f_add(&nll(&t)?)?;
+                        kl = kl.f_add(&weighted(&crate::losses::kl::forward_kl_per_pos(
+                            &s, &t, 1.0,
+                        )?)?)?;
+                        let same = s
+                            .f_argmax(-1, false)?
+                            .f_eq_tensor(&t.f_argmax(-1, false)?)?;
+                        agree = agree.f_add(&weighted(&same)?)?;
+                    }
+                    TeacherDist::Sparse(sparse) => {
+                        let r = crate::losses::Reduced::new(&s, sparse)?; // (N, K+1) each
+                        nll_s = nll_s.f_add(&nll(&s)?)?;
+                        // the label's stored log-probability (the label is always stored)
+                        let is_label = r
+                            .indices
+                            .f_eq_tensor(&labels.f_unsqueeze(-1)?)?
+                            .f_logical_and(&r.stored)?; // (N, K)
+                        let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (Kind::Float, device))?;
+                        let logprobs = sparse
+                            .logprobs
+                            .f_to_kind(Kind::Float)?
+                            .f_to_device(device)?;
+                        let label_lp = logprobs
+                            .f_where_self(&is_label, &neg_inf)?
+                            .f_amax([-1], false)?;
+                        nll_t = nll_t.f_add(&weighted(&label_lp.f_neg()?)?)?;
+                        // the reduced pair holds −inf by design (padding slots, an empty tail)
+                        let fkl = crate::losses::partial_support(|| {
+                            crate::losses::kl::forward_kl_per_pos(
+                                &r.student,
+                                &r.teacher,
+                                r.temperature,
+                            )
+                        })?;
+                        kl = kl.f_add(&weighted(&fkl)?)?;
+                        let best = r
+                            .indices
+                            .f_gather(-1, &logprobs.f_argmax(-1, true)?, false)?
+                            .f_squeeze_dim(-1)?; // (N) the teacher's top stored token
+                        let same = s.f_argmax(-1, false)?.f_eq_tensor(&best)?;
+                        agree = agree.f_add(&weighted(&same)?)?;
+                    }
+                }
                 wsum = wsum.f_add(&w.f_sum(Kind::Double)?)?;
             }
             Ok(())

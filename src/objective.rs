@@ -6,6 +6,10 @@
 //! student's ids (`teacher::vocab`) is W wide, and the prefix then cuts the student's padding rows
 //! (ids ≥ W) from its logits, so both sides are renormalised over the same tokens. Stateful
 //! terms (TAID's λ) live in their losses and are saved with the checkpoint.
+//! From a teacher store (a sparse signal) the terms compare reduced distributions (the stored tokens
+//! and one tail bucket, losses/reduced.rs), built once per call at the store's temperature, which
+//! every term that reads the teacher must share (`check_sparse`).
+use crate::losses::reduced::{same_temperature, Reduced};
 use crate::losses::registry::{self, BuildContext, Loss, LossInput, LossSpec, Params};
 use crate::teacher::TeacherDist;
 use crate::{Error, Result};
@@ -93,11 +97,6 @@ impl Objective {
         &self.names
     }
 
-    /// TEMPORARY until the reduced divergences land (helper-r): a sparse signal is refused.
-    pub fn check_sparse(&self, _temperature: f64) -> Result<()> {
-        Ok(())
-    }
-
     /// Whether any term needs the teacher's distribution.
     pub fn needs_teacher(&self) -> bool {
         self.terms.iter().any(|(l, _)| l.needs_teacher())
@@ -110,9 +109,40 @@ impl Objective {
         self.terms.iter().all(|(l, _)| l.per_position())
     }
 
+    /// Whether every term that reads the teacher is defined on a store's reduced distributions and
+    /// reads the teacher at the store's `temperature` (a term without a temperature reads it at 1).
+    /// The error names the term as `names()` does and says why.
+    pub fn check_sparse(&self, temperature: f64) -> Result<()> {
+        for ((loss, _), name) in self.terms.iter().zip(&self.names) {
+            if !loss.needs_teacher() {
+                continue;
+            }
+            if let Err(why) = loss.on_reduced() {
+                return Err(Error::Invalid(format!(
+                    "loss term '{name}' is not defined on a teacher store: {why}"
+                )));
+            }
+            let (at, how) = match loss.teacher_temperature() {
+                Some((param, t)) => (t, format!("{param} = {t}")),
+                None => (1.0, "it has no temperature: T = 1".to_string()),
+            };
+            if !same_temperature(at, temperature) {
+                return Err(Error::Invalid(format!(
+                    "loss term '{name}' reads the teacher at temperature {at} ({how}), the teacher \
+                     store was captured at temperature {temperature}: a divergence at another \
+                     temperature is not exactly computable from a store, because the tail's mass at \
+                     {at} depends on logits the store does not hold (capture the store at {at}, or \
+                     give the term the store's temperature)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// student: logits (…, Vs); teacher: the teacher's distribution at the same positions, or None
     /// when no term needs it; labels (…) with the ignore index where nothing is predicted; weights
-    /// (…) f32 ≥ 0.
+    /// (…) f32 ≥ 0. A sparse teacher (a store's) has one row per position, in the flattened order
+    /// of the leading shape, and ids in the student's vocabulary.
     pub fn compute(
         &self,
         student: &Tensor,
@@ -120,13 +150,18 @@ impl Objective {
         labels: &Tensor,
         weights: &Tensor,
     ) -> Result<ObjectiveValue> {
-        let teacher = match teacher {
-            Some(t) if self.needs_teacher() => Some(t.dense()?),
+        let teacher = teacher.filter(|_| self.needs_teacher());
+        // the reduced pair, once for every term (all at the store's temperature)
+        let reduced = match teacher {
+            Some(TeacherDist::Sparse(sparse)) => {
+                self.check_sparse(sparse.temperature)?;
+                Some(Reduced::new(student, sparse)?)
+            }
             _ => None,
         };
-        // the shared vocabulary prefix
+        // the shared vocabulary prefix (a store's ids are already the student's)
         let (s_shared, t_shared) = match teacher {
-            Some(t) => {
+            Some(TeacherDist::Dense(t)) => {
                 let last = |x: &Tensor| *x.size().last().unwrap_or(&0);
                 let v = last(student).min(last(t));
                 (
@@ -134,6 +169,7 @@ impl Objective {
                     Some(t.f_narrow(-1, 0, v)?),
                 )
             }
+            Some(TeacherDist::Sparse(_)) => (Some(student.shallow_clone()), None),
             None => (None, None),
         };
         let mut total = Tensor::f_zeros([], (Kind::Float, student.device()))?;
@@ -146,6 +182,7 @@ impl Objective {
                 LossInput {
                     student: s,
                     teacher: t_shared.as_ref(),
+                    reduced: reduced.as_ref(),
                     labels,
                     weights,
                 }
@@ -153,11 +190,18 @@ impl Objective {
                 LossInput {
                     student,
                     teacher: None,
+                    reduced: None,
                     labels,
                     weights,
                 }
             };
-            let value = loss.compute(&input)?.f_to_kind(Kind::Float)?;
+            let value = if input.reduced.is_some() {
+                // the reduced teacher holds −inf by design (padding slots, an empty tail)
+                crate::losses::partial_support(|| loss.compute(&input))
+            } else {
+                loss.compute(&input)
+            }?
+            .f_to_kind(Kind::Float)?;
             total = total.f_add(&value.f_mul_scalar(*weight)?)?;
             parts.push(value.f_detach()?);
         }

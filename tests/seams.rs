@@ -249,6 +249,7 @@ fn weights_of_zero_and_one_equal_a_boolean_mask_and_fractional_weights_match_a_w
             loss.compute(&LossInput {
                 student: s,
                 teacher: Some(t),
+                reduced: None,
                 labels: l,
                 weights: w,
             })

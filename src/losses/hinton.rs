@@ -4,6 +4,8 @@
 //! positions; the cross-entropy term a mean over counted positions whose label is not −100 (ignored,
 //! as PyTorch's `ignore_index`). `labels` has the leading shape and holds the target id of each
 //! position (already shifted by the caller). T² keeps the soft term's gradient scale independent of T.
+//! On a stored (sparse) teacher: α·T²·KL(p̃‖q̃) on the K + 1 reduced outcomes (at the store's T) plus
+//! the same (1−α)·CE on the student's full logits (it needs no teacher).
 use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{
     check_pair, check_temperature, check_unit, kl::forward_kl_per_pos, lead_shape, masked_mean,
@@ -81,6 +83,31 @@ pub fn hinton(
     check_unit("hinton", "alpha", alpha)?;
     let soft = masked_mean("hinton", &forward_kl_per_pos(s, t, temperature)?, weights)?;
     let hard = cross_entropy(s, labels, weights)?;
+    combine(&soft, &hard, alpha, temperature)
+}
+
+/// Hinton's loss on a store: the soft term on the reduced pair `r` (at the store's temperature), the
+/// hard term on the student's logits `s` `[..., V]`.
+pub fn hinton_reduced(
+    s: &Tensor,
+    r: &super::Reduced,
+    labels: &Tensor,
+    alpha: f64,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    check_unit("hinton", "alpha", alpha)?;
+    let temperature = r.temperature;
+    let soft = masked_mean(
+        "hinton",
+        &forward_kl_per_pos(&r.student, &r.teacher, temperature)?,
+        weights,
+    )?;
+    let hard = cross_entropy(s, labels, weights)?;
+    combine(&soft, &hard, alpha, temperature)
+}
+
+/// α·T²·soft + (1−α)·hard.
+fn combine(soft: &Tensor, hard: &Tensor, alpha: f64, temperature: f64) -> Result<Tensor> {
     Ok(soft
         .f_mul_scalar(alpha * temperature * temperature)?
         .f_add(&hard.f_mul_scalar(1.0 - alpha)?)?)
@@ -140,7 +167,13 @@ impl Loss for Hinton {
     fn spec(&self) -> &'static LossSpec {
         &HINTON
     }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
+    }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        if let Some(r) = x.reduced_at("hinton", self.temperature)? {
+            return hinton_reduced(x.student, r, x.labels, self.alpha, Some(x.weights));
+        }
         hinton(
             x.student,
             x.teacher("hinton")?,

@@ -4,6 +4,7 @@
 //! at β ∈ {0, 1}: both give 0 (users who want FKL or RKL name them). The gradient flows through q in
 //! both terms, M included. Differs from TRL's early `generalized_jsd_loss`, which put β on the wrong
 //! distributions of the mixture.
+//! On a stored (sparse) teacher: the same formula on the K + 1 reduced outcomes, M̃ = β·p̃ + (1−β)·q̃.
 use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture, Dist};
 use crate::Result;
@@ -66,12 +67,10 @@ impl Loss for Jsd {
         &JSD
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        jsd(
-            x.student,
-            x.teacher("jsd")?,
-            self.beta,
-            self.temperature,
-            Some(x.weights),
-        )
+        let (s, t) = x.pair("jsd", self.temperature)?;
+        jsd(s, t, self.beta, self.temperature, Some(x.weights))
+    }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
     }
 }

@@ -5,6 +5,7 @@
 //! applies it). Differs from torchtune's "ForwardKLLoss", which returns the cross-entropy −Σ p log q
 //! (same gradient, value higher by H(p), not 0 at p = q).
 //! Note for readers of PyTorch code: `F.kl_div(input, target)` is KL(target‖input).
+//! On a stored (sparse) teacher: the same formulas on the K + 1 reduced outcomes, KL(p̃‖q̃), KL(q̃‖p̃).
 use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::Result;
@@ -84,12 +85,11 @@ impl Loss for ForwardKl {
         &FORWARD_KL
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        forward_kl(
-            x.student,
-            x.teacher("forward_kl")?,
-            self.temperature,
-            Some(x.weights),
-        )
+        let (s, t) = x.pair("forward_kl", self.temperature)?;
+        forward_kl(s, t, self.temperature, Some(x.weights))
+    }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
     }
 }
 
@@ -103,11 +103,10 @@ impl Loss for ReverseKl {
         &REVERSE_KL
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        reverse_kl(
-            x.student,
-            x.teacher("reverse_kl")?,
-            self.temperature,
-            Some(x.weights),
-        )
+        let (s, t) = x.pair("reverse_kl", self.temperature)?;
+        reverse_kl(s, t, self.temperature, Some(x.weights))
+    }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
     }
 }

@@ -11,11 +11,16 @@
 //! Vocabulary entries where the teacher's logit is −inf (a masked vocabulary, padded rows) lie outside
 //! the support: they are removed from both distributions, the student renormalised over the rest, so
 //! that every divergence stays finite.
+//!
+//! On a teacher store (sparse signal) a divergence compares the reduced distributions: the stored
+//! tokens plus one tail bucket on both sides (`reduced.rs`); each loss's first comment says what it
+//! is there, or why it refuses.
 pub mod akl;
 pub mod hinton;
 pub mod jsd;
 pub mod kl;
 pub mod pld;
+pub mod reduced;
 pub mod registry;
 pub mod sinkhorn;
 pub mod skew;
@@ -28,6 +33,7 @@ pub use hinton::hinton;
 pub use jsd::jsd;
 pub use kl::{forward_kl, reverse_kl};
 pub use pld::pld;
+pub use reduced::Reduced;
 pub use registry::{Loss, LossInput, LossSpec, REGISTRY};
 pub use sinkhorn::sinkhorn;
 pub use skew::{skew_kl, skew_reverse_kl};
@@ -166,13 +172,15 @@ pub(crate) fn checked_distributions(
 
 thread_local! {
     static TRUSTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PARTIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Run `f` with inputs checked upstream: teacher logits finite (a model's forward pass) and labels
 /// in the vocabulary (checked when the data was read). The losses then skip the checks that read a
 /// value back from the device (the teacher's −inf test, the labels' range), so a training step
 /// makes no host synchronisation per loss term or chunk. The training step and evaluation use it;
-/// inside, a −inf teacher logit would give NaN, so a caller with unchecked inputs must not.
+/// inside, a −inf teacher logit would give NaN, so a caller with unchecked inputs must not (a
+/// store's reduced distributions, which hold −inf by design, run under `partial_support`).
 pub fn trusted<R>(f: impl FnOnce() -> R) -> R {
     let was = TRUSTED.with(|c| c.replace(true));
     let out = f();
@@ -182,6 +190,16 @@ pub fn trusted<R>(f: impl FnOnce() -> R) -> R {
 
 pub(crate) fn is_trusted() -> bool {
     TRUSTED.with(|c| c.get())
+}
+
+/// Run `f` on teacher "logits" that may hold −inf by design (a store's reduced distributions: padding
+/// slots, an empty tail bucket): the divergences then always take the path that removes those
+/// entries, without first reading back from the device whether there are any (trusted or not).
+pub(crate) fn partial_support<R>(f: impl FnOnce() -> R) -> R {
+    let was = PARTIAL.with(|c| c.replace(true));
+    let out = f();
+    PARTIAL.with(|c| c.set(was));
+    out
 }
 
 /// Student and teacher distributions (q, p) at temperature `T`, with the teacher's −inf entries
@@ -199,8 +217,10 @@ pub(crate) fn distributions(s: &Tensor, t: &Tensor, temperature: f64) -> Result<
     let s = scale(s)?;
     let t = scale(t)?.f_detach()?;
     // one reduction instead of a boolean tensor in the common case (no −inf in the teacher); none
-    // at all (no host read) for trusted inputs (a model's logits)
-    let has_outside = !is_trusted() && t.f_min()?.f_double_value(&[])? == f64::NEG_INFINITY;
+    // at all (no host read) for trusted inputs (a model's logits) and for a store's reduced
+    // distributions (always the masked path)
+    let has_outside = PARTIAL.with(|c| c.get())
+        || (!is_trusted() && t.f_min()?.f_double_value(&[])? == f64::NEG_INFINITY);
     if !has_outside {
         let (lq, lp) = (s.f_log_softmax(-1, kind)?, t.f_log_softmax(-1, kind)?);
         return Ok((

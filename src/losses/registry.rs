@@ -4,7 +4,9 @@
 //!
 //! A built loss is a `Loss`: it maps (student logits, teacher logits, labels, per-token weights),
 //! all over the same flattened positions, to a scalar. It never runs a model and never reads the
-//! run file.
+//! run file. On a teacher store it receives the reduced pair instead of the teacher's logits
+//! (`reduced.rs`), or says why it is not defined there (`Loss::on_reduced`).
+use super::Reduced;
 use crate::{Error, Result};
 use tch::Tensor;
 
@@ -153,12 +155,15 @@ impl LossSpec {
     }
 }
 
-/// What a loss sees: the same positions in all four, flattened or not. `student` and `teacher` are
+/// What a loss sees: the same positions in all, flattened or not. `student` and `teacher` are
 /// logits `[..., V]` over the shared vocabulary; `labels` `[...]` (the ignore index where nothing is
-/// predicted); `weights` `[...]` f32 ≥ 0.
+/// predicted); `weights` `[...]` f32 ≥ 0. From a teacher store, `teacher` is None and `reduced` holds
+/// the reduced pair at the store's temperature (`student` stays the student's logits, for the parts
+/// that need no teacher: a cross-entropy, the student's entropy).
 pub struct LossInput<'a> {
     pub student: &'a Tensor,
     pub teacher: Option<&'a Tensor>,
+    pub reduced: Option<&'a Reduced>,
     pub labels: &'a Tensor,
     pub weights: &'a Tensor,
 }
@@ -166,8 +171,38 @@ pub struct LossInput<'a> {
 impl LossInput<'_> {
     /// The teacher's logits, for losses that need them.
     pub fn teacher(&self, name: &str) -> Result<&Tensor> {
-        self.teacher
-            .ok_or_else(|| Error::Invalid(format!("{name}: needs the teacher's logits")))
+        self.teacher.ok_or_else(|| {
+            Error::Invalid(if self.reduced.is_some() {
+                format!("{name}: needs the teacher's full logits; the teacher signal is a store's")
+            } else {
+                format!("{name}: needs the teacher's logits")
+            })
+        })
+    }
+
+    /// The store's reduced pair, for a loss that reads the teacher at `temperature` (None for a
+    /// dense teacher). A pair reduced at another temperature is refused: the loss's division by its
+    /// own T would turn T·log p̃ into a sharpened p̃, not the distribution at that temperature.
+    pub fn reduced_at(&self, name: &str, temperature: f64) -> Result<Option<&Reduced>> {
+        match self.reduced {
+            Some(r) if !super::reduced::same_temperature(r.temperature, temperature) => {
+                Err(Error::Invalid(format!(
+                    "{name}: reads the teacher at temperature {temperature}, the store's signal is \
+                     at {}",
+                    r.temperature
+                )))
+            }
+            r => Ok(r),
+        }
+    }
+
+    /// The (student, teacher) logits a divergence at `temperature` compares: the reduced pair
+    /// T·log q̃, T·log p̃ `[..., K+1]` on a store, else the student's and the teacher's logits.
+    pub fn pair(&self, name: &str, temperature: f64) -> Result<(&Tensor, &Tensor)> {
+        match self.reduced_at(name, temperature)? {
+            Some(r) => Ok((&r.student, &r.teacher)),
+            None => Ok((self.student, self.teacher(name)?)),
+        }
     }
 }
 
@@ -179,6 +214,16 @@ pub trait Loss: Send + std::fmt::Debug {
     /// Whether the teacher's distribution is needed at all.
     fn needs_teacher(&self) -> bool {
         true
+    }
+    /// Whether the loss is defined on a store's reduced distributions (the stored tokens and one
+    /// tail bucket, `reduced.rs`); Err(why) when it is not.
+    fn on_reduced(&self) -> std::result::Result<(), &'static str> {
+        Ok(())
+    }
+    /// The parameter (name, value) that sets the temperature at which the loss reads the teacher's
+    /// distribution; None for a loss that reads it at T = 1 and has no such parameter.
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        None
     }
     /// Whether the value is a weighted mean of independent per-position values, so that the
     /// objective may be computed over chunks of positions.

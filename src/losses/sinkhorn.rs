@@ -12,6 +12,8 @@
 //! 20 to a `sinkhorn_normalized` whose own default is 10); it normalises K itself (no log space), fixes
 //! T = 2 and scales the loss by 0.0008·20/8 = 0.002 — here T is an argument and the scale belongs to
 //! the loss weight. `iters` = 0 returns K unnormalised.
+//! On a stored (sparse) teacher: refused (`REDUCED_REFUSAL`): the cost compares row i of the student
+//! with row j ≠ i of the teacher outcome by outcome, and a store's rows have different outcomes.
 use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_pair, check_temperature, compute_kind};
 use crate::{Error, Result};
@@ -106,6 +108,12 @@ pub const SINKHORN: LossSpec = LossSpec {
     },
 };
 
+/// Why SinKD is not defined on a store's reduced distributions.
+pub const REDUCED_REFUSAL: &str = "its cost compares the student's row i with the teacher's row j \
+    ≠ i outcome by outcome, and on a store each row's reduced distribution has its own outcomes (that \
+    position's stored tokens and a tail bucket of different tokens), so rows of different positions \
+    share no outcomes to compare";
+
 #[derive(Debug)]
 struct Sinkhorn {
     temperature: f64,
@@ -120,7 +128,18 @@ impl Loss for Sinkhorn {
     fn per_position(&self) -> bool {
         false
     }
+    fn on_reduced(&self) -> std::result::Result<(), &'static str> {
+        Err(REDUCED_REFUSAL)
+    }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
+    }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        if x.reduced.is_some() {
+            return Err(Error::Invalid(format!(
+                "sinkhorn: not defined on a teacher store: {REDUCED_REFUSAL}"
+            )));
+        }
         let t = x.teacher("sinkhorn")?;
         let v = *x.student.size().last().unwrap_or(&0);
         let rows = |m: &Tensor| -> Result<Tensor> {

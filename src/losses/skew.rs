@@ -3,6 +3,7 @@
 //!   skew_reverse_kl(α) = KL(q ‖ α·q + (1−α)·p)
 //! The mixture's log is a logaddexp of log-probabilities; the gradient flows through q wherever it
 //! appears (as in DistiLLM's code). α = 0 gives forward (resp. reverse) KL; α = 1 gives 0.
+//! On a stored (sparse) teacher: the same formulas on the K + 1 reduced outcomes (p̃, q̃).
 use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture};
 use crate::Result;
@@ -109,12 +110,10 @@ impl Loss for Skew {
         } else {
             skew_kl
         };
-        f(
-            x.student,
-            x.teacher(self.spec().name)?,
-            self.alpha,
-            self.temperature,
-            Some(x.weights),
-        )
+        let (s, t) = x.pair(self.spec().name, self.temperature)?;
+        f(s, t, self.alpha, self.temperature, Some(x.weights))
+    }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
     }
 }

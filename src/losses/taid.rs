@@ -6,6 +6,10 @@
 //!   rel = (L_prev − L)/(L_prev + 1e−15);  m = β·m + (1−β)·rel
 //!   λ = min(t_end, max(t_start + (t_end − t_start)·step/total_steps, λ + α·sigmoid(m)·(1−λ)))
 //! Defaults from the paper: t_start 0.4, t_end 1.0, α 5e−4, β 0.99.
+//! On a stored (sparse) teacher (captured at T = 1): the same formula on the K + 1 reduced outcomes,
+//! p̃_λ = softmax((1−λ)·sg(log q̃) + λ·log p̃), loss KL(p̃_λ‖q̃). On the stored tokens p̃_λ has the
+//! dense target's proportions; its bucket is the geometric interpolation q̃_tail^(1−λ)·p̃_tail^λ (up to
+//! the normalisation), not the dense target's tail mass, which needs the logits off the store.
 use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
 use super::{check_pair, check_unit, distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
@@ -175,7 +179,8 @@ impl Loss for Taid {
         &TAID
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        self.loss(x.student, x.teacher("taid")?, Some(x.weights))
+        let (s, t) = x.pair("taid", 1.0)?;
+        self.loss(s, t, Some(x.weights))
     }
     fn state(&self) -> Option<serde_json::Value> {
         Some(serde_json::to_value(self.state).expect("TaidState serialises"))

@@ -10,10 +10,20 @@
 //!      the reverse order; this is the paper's intended objective.
 //!
 //! H(x) = −Σ x log x; p = softmax(t/T), q = softmax(s/T) (T = 1 by default).
+//!
+//! On a stored (sparse) teacher (T = the store's temperature), part by part:
+//!   1. the same formula on the K + 1 reduced outcomes: sigmoid(H(q̃) − H(p̃))·JSD_β(p̃, q̃) (both
+//!      entropies reduced, so that the selection compares like with like; H(p) itself needs the tail);
+//!   2. unchanged: it reads only the student (its full H(q));
+//!   3. the student's top-K candidates ranked by their stored p̃, those off the store after every
+//!      stored one, and only the stored candidates' ranks summed (Σ_k stored_k·(…)); each of those
+//!      terms is the dense one (every token off the store ranks below the teacher's stored top set),
+//!      except when the label is a candidate stored outside that top set: the store does not say which
+//!      unstored candidates rank above it, and it is put above them.
 use super::jsd::jsd_of;
 use super::pld::plackett_luce_suffix;
 use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
-use super::{check_pair, check_temperature, distributions, masked_mean, weights_of};
+use super::{check_pair, check_temperature, distributions, masked_mean, weights_of, Reduced};
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -121,6 +131,43 @@ pub fn ranking_term(
     masked_mean("token_selective", &per, weights)
 }
 
+/// Part 3 on a store's reduced pair `r`: the student's top-K candidates (from its logits `s`
+/// `[..., V]`) by descending stored p̃, the candidates off the store last (student order) and
+/// weighted 0 in the Plackett-Luce sum.
+pub fn ranking_term_reduced(
+    s: &Tensor,
+    r: &Reduced,
+    top_k: usize,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    if top_k == 0 {
+        return Err(Error::Invalid(
+            "token_selective: top_k must be positive".into(),
+        ));
+    }
+    let kind = super::compute_kind(s);
+    let k = (top_k as i64).min(*s.size().last().unwrap_or(&1));
+    let s = s.f_to_kind(kind)?;
+    let (_, cand) = s.f_detach()?.f_topk(k, -1, true, true)?; // (…, Kc) student's candidates
+    let hit = cand
+        .f_unsqueeze(-1)?
+        .f_eq_tensor(&r.indices.f_unsqueeze(-2)?)?
+        .f_logical_and(&r.stored.f_unsqueeze(-2)?)?; // (…, Kc, K): candidate c is stored in slot j
+    let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (r.teacher.kind(), s.device()))?;
+    let key = r
+        .teacher
+        .f_narrow(-1, 0, r.slots())?
+        .f_unsqueeze(-2)?
+        .f_where_self(&hit, &neg_inf)?
+        .f_amax([-1], false)?; // (…, Kc): T·log p̃ of the candidate, −inf off the store
+    let known = hit.f_any_dim(-1, false)?;
+    let (_, order) = key.f_sort_stable(true, -1, true)?;
+    let ranked = s.f_gather(-1, &cand.f_gather(-1, &order, false)?, false)?;
+    let w = known.f_gather(-1, &order, false)?.f_to_kind(kind)?;
+    let per = plackett_luce_suffix(&ranked, &w)?;
+    masked_mean("token_selective", &per, weights)
+}
+
 /// The weighted sum of the three parts.
 pub fn token_selective(
     s: &Tensor,
@@ -128,11 +175,42 @@ pub fn token_selective(
     cfg: &TokenSelectiveConfig,
     weights: Option<&Tensor>,
 ) -> Result<Tensor> {
+    weighted_sum(
+        s,
+        cfg,
+        weights,
+        || weighted_jsd(s, t, cfg.beta, cfg.temperature, weights),
+        || ranking_term(s, t, cfg.top_k, weights),
+    )
+}
+
+/// The weighted sum of the three parts on a store's reduced pair `r` (at temperature
+/// `cfg.temperature`), `s` the student's logits `[..., V]`.
+pub fn token_selective_reduced(
+    s: &Tensor,
+    r: &Reduced,
+    cfg: &TokenSelectiveConfig,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    weighted_sum(
+        s,
+        cfg,
+        weights,
+        || weighted_jsd(&r.student, &r.teacher, cfg.beta, cfg.temperature, weights),
+        || ranking_term_reduced(s, r, cfg.top_k, weights),
+    )
+}
+
+fn weighted_sum(
+    s: &Tensor,
+    cfg: &TokenSelectiveConfig,
+    weights: Option<&Tensor>,
+    jsd: impl FnOnce() -> Result<Tensor>,
+    rank: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
     let mut total = Tensor::f_zeros([], (super::compute_kind(s), s.device()))?;
     if cfg.w_jsd != 0.0 {
-        total = total.f_add(
-            &weighted_jsd(s, t, cfg.beta, cfg.temperature, weights)?.f_mul_scalar(cfg.w_jsd)?,
-        )?;
+        total = total.f_add(&jsd()?.f_mul_scalar(cfg.w_jsd)?)?;
     }
     if cfg.w_entropy != 0.0 {
         total = total.f_add(
@@ -141,7 +219,7 @@ pub fn token_selective(
         )?;
     }
     if cfg.w_rank != 0.0 {
-        total = total.f_add(&ranking_term(s, t, cfg.top_k, weights)?.f_mul_scalar(cfg.w_rank)?)?;
+        total = total.f_add(&rank()?.f_mul_scalar(cfg.w_rank)?)?;
     }
     Ok(total.f_to_kind(if s.kind() == Kind::Double {
         Kind::Double
@@ -214,7 +292,13 @@ impl Loss for TokenSelective {
     fn spec(&self) -> &'static LossSpec {
         &TOKEN_SELECTIVE
     }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.0.temperature))
+    }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
+        if let Some(r) = x.reduced_at("token_selective", self.0.temperature)? {
+            return token_selective_reduced(x.student, r, &self.0, Some(x.weights));
+        }
         token_selective(
             x.student,
             x.teacher("token_selective")?,

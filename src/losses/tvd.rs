@@ -1,5 +1,6 @@
 //! Total variation distance: TVD(p, q) = ½·Σ_v |p(v) − q(v)|, mean over counted positions
 //! (used as a KD objective by Wen et al. 2023, "f-divergence minimization for sequence-level KD").
+//! On a stored (sparse) teacher: the same formula on the K + 1 reduced outcomes, ½·Σ|p̃ − q̃|.
 use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
 use super::{checked_distributions, masked_mean};
 use crate::Result;
@@ -42,11 +43,10 @@ impl Loss for Tvd {
         &TVD
     }
     fn compute(&self, x: &LossInput) -> Result<Tensor> {
-        tvd(
-            x.student,
-            x.teacher("tvd")?,
-            self.temperature,
-            Some(x.weights),
-        )
+        let (s, t) = x.pair("tvd", self.temperature)?;
+        tvd(s, t, self.temperature, Some(x.weights))
+    }
+    fn teacher_temperature(&self) -> Option<(&'static str, f64)> {
+        Some(("temperature", self.temperature))
     }
 }

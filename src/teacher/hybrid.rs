@@ -119,7 +119,13 @@ impl TeacherSignal for Hybrid<'_> {
                 .into_iter()
                 .map(|r| r.expect("every row stored"))
                 .collect();
-            return Ok(Box::new(SparseBatch::new(&rows, &labels, sel.temperature, self.vocab, device)?));
+            return Ok(Box::new(SparseBatch::new(
+                &rows,
+                &labels,
+                sel.temperature,
+                self.vocab,
+                device,
+            )?));
         }
         if missing.len() == stored.len() {
             let live = self.live.prepare(batch, hidden_layers)?;
@@ -147,7 +153,13 @@ impl TeacherSignal for Hybrid<'_> {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| fresh.next().expect("one selection per missing row")))
             .collect();
-        Ok(Box::new(SparseBatch::new(&rows, &labels, sel.temperature, self.vocab, device)?))
+        Ok(Box::new(SparseBatch::new(
+            &rows,
+            &labels,
+            sel.temperature,
+            self.vocab,
+            device,
+        )?))
     }
 
     fn vocab_size(&self) -> usize {

@@ -29,19 +29,26 @@ pub enum TeacherDist {
     Sparse(SparseDist),
 }
 
-/// The teacher's distribution at N positions reduced to K tokens per position plus a tail:
-///   p(v) = exp(logprobs[n, k]) for v = indices[n, k]; the other tokens share `tail_mass[n]`;
-///   log_z[n] = logsumexp of the teacher's logits at `temperature` (to re-apply a temperature).
+/// The teacher's distribution at N positions reduced to K stored tokens per position plus a tail,
+/// p = softmax(t/T) at the capture temperature T:
+///   p(v) = exp(logprobs[n, k]) for v = indices[n, k]; every token not stored shares `tail_mass[n]`.
+/// A row keeps the teacher's most probable tokens, sorted by descending log-probability, except that
+/// the label token is always included (it may come last, out of order). A row with fewer than K kept
+/// tokens is padded: a padding slot has logprob −inf and an index equal to another valid index of
+/// the same row (e.g. the row's first), so that a gather or scatter on it is harmless. The valid
+/// slots of a row hold distinct ids. The divergences compare the reduced distributions this defines
+/// (losses/reduced.rs).
 #[derive(Debug)]
 pub struct SparseDist {
-    /// (N, K) i64
+    /// (N, K) i64: the stored token ids, already in the student's id space
     pub indices: Tensor,
-    /// (N, K) f32
+    /// (N, K) f32: log p(v) of the stored tokens at T; −inf on padding slots
     pub logprobs: Tensor,
-    /// (N) f32
+    /// (N) f32: the mass of every token not stored (≥ 0; 0 when every token is stored, may be 0)
     pub tail_mass: Tensor,
-    /// (N) f32
+    /// (N) f32: logsumexp(t/T) over the full vocabulary (informational)
     pub log_z: Tensor,
+    /// T, the temperature the signal was captured at
     pub temperature: f64,
 }
 

@@ -115,8 +115,12 @@ impl SparseBatch {
         }
         let nk = [n as i64, k as i64];
         let dist = vocab.apply(TeacherDist::Sparse(SparseDist {
-            indices: Tensor::f_from_slice(&ids)?.f_view(nk)?.f_to_device(device)?,
-            logprobs: Tensor::f_from_slice(&lps)?.f_view(nk)?.f_to_device(device)?,
+            indices: Tensor::f_from_slice(&ids)?
+                .f_view(nk)?
+                .f_to_device(device)?,
+            logprobs: Tensor::f_from_slice(&lps)?
+                .f_view(nk)?
+                .f_to_device(device)?,
             tail_mass: Tensor::f_from_slice(&tail)?.f_to_device(device)?,
             log_z: Tensor::f_from_slice(&log_z)?.f_to_device(device)?,
             temperature,

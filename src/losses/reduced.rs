@@ -1,0 +1,178 @@
+//! Divergences on a stored (sparse) teacher signal compare reduced distributions (DESIGN.md §7):
+//!   p̃ = (p(v_1), …, p(v_K), m),                 m = tail_mass = Σ_{v ∉ S} p(v)
+//!   q̃ = (q(v_1), …, q(v_K), 1 − Σ_k q(v_k)),    q = softmax(s/T)
+//! on the K + 1 outcomes "the stored token v_k" and "a token off the store" (the tail bucket, last),
+//! S = {v_1, …, v_K} the stored ids of the position, p the teacher at the store's temperature T.
+//! A divergence D on a store means D(p̃, q̃). For an f-divergence (KL, JSD, skew KL, TVD) this is at
+//! most D(p, q) (data processing), equal when every token is stored; each loss's first comment says
+//! what it is on a store, or why it refuses.
+//!
+//! The student's side, stably (never log(1 − Σ q), which cancels when the stored mass nears 1):
+//!   log q(v_k) = gather(s/T, v_k) − logsumexp_v(s_v/T)
+//!   log q̃_tail = logsumexp_{v ∉ S}(s_v/T) − logsumexp_v(s_v/T)   (stored ids scattered to −inf)
+//! The teacher's side: log p̃ = (logprobs, log m), log m = −inf when m = 0.
+//! Padding slots (logprob −inf) and a bucket of teacher mass 0 lie outside the support on both sides
+//! (the losses' convention, losses/mod.rs): they leave every sum and the student is renormalised over
+//! the rest. The losses then receive the "logits" T·log p̃ and T·log q̃: their own division by T gives
+//! back log p̃ and log q̃ (up to one rounding), so every factor that depends on T (hinton's T²) stays
+//! right, and their log_softmax renormalises p̃ (a store's rounded log-probabilities and tail sum to 1
+//! only up to that rounding). The gradient reaches the student's logits through the gather and the
+//! two log-sum-exps; the teacher is a constant.
+use super::compute_kind;
+use crate::teacher::SparseDist;
+use crate::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// A store's signal at some positions reduced together with the student's logits there. Every
+/// tensor has the student's leading shape `[...]` (positions flattened in the store's order).
+#[derive(Debug)]
+pub struct Reduced {
+    /// T·log q̃ `[..., K+1]`, with the graph to the student's logits; −inf on padding slots, and on
+    /// the bucket when no token is off the store
+    pub student: Tensor,
+    /// T·log p̃ `[..., K+1]`, no graph; −inf on padding slots, and on the bucket when m = 0
+    pub teacher: Tensor,
+    /// the stored ids `[..., K]` i64
+    pub indices: Tensor,
+    /// `[..., K]` bool: the slot holds a stored token (not padding)
+    pub stored: Tensor,
+    /// the store's temperature T
+    pub temperature: f64,
+}
+
+impl Reduced {
+    /// The reduced pair for student logits `[..., V]` (ids in the student's vocabulary) and a store's
+    /// signal at the same N = Π[...] positions.
+    pub fn new(student: &Tensor, signal: &SparseDist) -> Result<Reduced> {
+        let temperature = signal.temperature;
+        super::check_temperature("teacher store", temperature)?;
+        let shape = student.size();
+        if shape.is_empty() || !student.is_floating_point() {
+            return Err(Error::Shape(format!(
+                "teacher store: 'student' has shape {shape:?} and kind {:?}, expected float [..., V]",
+                student.kind()
+            )));
+        }
+        let lead = &shape[..shape.len() - 1];
+        let v = shape[shape.len() - 1];
+        let n: i64 = lead.iter().product();
+        let idx_shape = signal.indices.size();
+        if idx_shape.len() != 2 || idx_shape[0] != n || idx_shape[1] < 1 {
+            return Err(Error::Shape(format!(
+                "teacher store: 'indices' has shape {idx_shape:?}, expected [{n}, K ≥ 1] (one row per \
+                 student position)"
+            )));
+        }
+        let k = idx_shape[1];
+        if signal.logprobs.size() != idx_shape {
+            return Err(Error::Shape(format!(
+                "teacher store: 'logprobs' has shape {:?}, expected {idx_shape:?} (the indices')",
+                signal.logprobs.size()
+            )));
+        }
+        if signal.tail_mass.size() != [n] {
+            return Err(Error::Shape(format!(
+                "teacher store: 'tail_mass' has shape {:?}, expected [{n}]",
+                signal.tail_mass.size()
+            )));
+        }
+        let device = student.device();
+        let kind = compute_kind(student);
+        let with_k = |x: &Tensor| -> Result<Tensor> {
+            let mut s = lead.to_vec();
+            s.push(k);
+            Ok(x.f_to_device(device)?.f_reshape(s)?)
+        };
+        let indices = with_k(&signal.indices.f_to_kind(Kind::Int64)?)?; // [..., K]
+                                                                        // the range check reads back from the device: skipped for a store checked when it was read
+        if !super::is_trusted() && indices.numel() > 0 {
+            let (lo, hi) = (
+                indices.f_min()?.f_int64_value(&[])?,
+                indices.f_max()?.f_int64_value(&[])?,
+            );
+            if lo < 0 || hi >= v {
+                return Err(Error::Invalid(format!(
+                    "teacher store: a stored id lies outside the student's vocabulary [0, {v}) \
+                     (ids {lo}..={hi})"
+                )));
+            }
+        }
+        let logprobs = with_k(&signal.logprobs.f_to_kind(kind)?)?.f_detach()?; // [..., K]
+        let stored = logprobs.f_isneginf()?.f_logical_not()?;
+        let q = student_log_probs(student, &indices, &stored, temperature)?; // [..., K+1]
+                                                                             // log m, −inf where m = 0 (a slightly negative tail from the store's arithmetic is 0)
+        let tail = signal
+            .tail_mass
+            .f_to_device(device)?
+            .f_to_kind(kind)?
+            .f_reshape(lead)?
+            .f_clamp_min(0.0)?
+            .f_log()?
+            .f_unsqueeze(-1)?;
+        let p = Tensor::f_cat(&[logprobs, tail], -1)?.f_detach()?; // [..., K+1]
+        let times_t = |x: Tensor| -> Result<Tensor> {
+            Ok(if temperature == 1.0 {
+                x
+            } else {
+                x.f_mul_scalar(temperature)?
+            })
+        };
+        Ok(Reduced {
+            student: times_t(q)?,
+            teacher: times_t(p)?,
+            indices,
+            stored,
+            temperature,
+        })
+    }
+
+    /// K, the stored slots per position.
+    pub fn slots(&self) -> i64 {
+        *self.indices.size().last().unwrap_or(&0)
+    }
+}
+
+/// Whether a loss at temperature `a` may read a store captured at `b`: equal up to an f32 rounding
+/// (a store may keep its temperature as an f32 number).
+pub fn same_temperature(a: f64, b: f64) -> bool {
+    (a - b).abs() <= f64::from(f32::EPSILON) * a.abs().max(b.abs())
+}
+
+/// log q̃ `[..., K+1]` of student logits `s` `[..., V]` at temperature T: log q(v_k) for the stored
+/// ids `indices` `[..., K]` (−inf where `stored` is false: padding), then the tail bucket's
+/// log Σ_{v ∉ S} q(v) (−inf when every id is stored). The bucket's log-sum-exp is written out so that
+/// an empty tail gives −inf with a zero gradient (autograd's logsumexp gives NaN there).
+pub fn student_log_probs(
+    s: &Tensor,
+    indices: &Tensor,
+    stored: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let kind = compute_kind(s);
+    let x = s.f_to_kind(kind)?;
+    let x = if temperature == 1.0 {
+        x
+    } else {
+        x.f_div_scalar(temperature)?
+    }; // [..., V]
+    let lse = x.f_logsumexp([-1], true)?; // [..., 1]
+    let on = x
+        .f_gather(-1, indices, false)?
+        .f_sub(&lse)?
+        .f_masked_fill(&stored.f_logical_not()?, f64::NEG_INFINITY)?; // [..., K]
+    let off = x.f_scatter_value(-1, indices, f64::NEG_INFINITY)?; // [..., V], stored ids −inf
+    let zero = Tensor::f_zeros([], (kind, x.device()))?;
+    let m = off.f_amax([-1], true)?.f_detach()?; // [..., 1], −inf for an empty tail
+    let m = m.f_where_self(&m.f_isfinite()?, &zero)?;
+    let sum = off.f_sub(&m)?.f_exp()?.f_sum_dim_intlist(-1, true, kind)?; // [..., 1]
+    let nonempty = sum.f_gt(0.0)?;
+    let one = Tensor::f_ones([], (kind, x.device()))?;
+    let neg_inf = Tensor::f_full([], f64::NEG_INFINITY, (kind, x.device()))?;
+    let tail = sum
+        .f_where_self(&nonempty, &one)?
+        .f_log()?
+        .f_add(&m)?
+        .f_sub(&lse)?
+        .f_where_self(&nonempty, &neg_inf)?; // [..., 1]
+    Ok(Tensor::f_cat(&[on, tail], -1)?)
+}
