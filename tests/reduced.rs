@@ -60,7 +60,7 @@ fn scaled(x: &[f64], temp: f64) -> Row {
 /// One position of a store, as a capture writes it (src/teacher/mod.rs): the `keep` most probable
 /// tokens of p = softmax(t/T) by descending p, the label appended when it is not among them, padded
 /// to `k` slots (logprob −inf, id = the row's first); the tail mass Σ_{v not stored} p(v) summed
-/// here token by token. `round` rounds the log-probabilities and the tail to f32 (the store's type).
+/// here token by token. `round` rounds the log-probabilities and the tail's log to f32 (the store's type).
 #[derive(Clone)]
 struct Stored {
     ids: Vec<i64>,
@@ -101,7 +101,12 @@ fn capture(t: &[f64], label: i64, keep: usize, k: usize, temp: f64, round: bool)
     let mut out = Stored {
         ids: ids.iter().map(|&v| v as i64).collect(),
         lp: ids.iter().map(|&v| r(lp[v])).collect(),
-        tail: r(tail),
+        // a store keeps log m as f32
+        tail: if round {
+            (tail.ln() as f32 as f64).exp()
+        } else {
+            tail
+        },
     };
     while out.ids.len() < k {
         out.ids.push(out.ids[0]);
@@ -118,7 +123,7 @@ fn sparse(st: &[Stored], temp: f64, kind: Kind) -> SparseDist {
     SparseDist {
         indices: Tensor::from_slice(&ids).reshape([n, k]),
         logprobs: Tensor::from_slice(&lp).reshape([n, k]).to_kind(kind),
-        tail_mass: Tensor::from_slice(&tail).to_kind(kind),
+        log_tail: Tensor::from_slice(&tail).log().to_kind(kind),
         log_z: Tensor::zeros([n], (kind, Device::Cpu)),
         temperature: temp,
     }

@@ -327,7 +327,7 @@ fn a_sparse_signal_loses_the_teachers_padding_rows() {
     let sp = SparseDist {
         indices: Tensor::from_slice(&[260i64, 3, 7, 1, 261, 2]).view([2, 3]),
         logprobs: Tensor::from_slice(&[-0.5f32, -1.0, -2.0, -0.3, -0.7, -3.0]).view([2, 3]),
-        tail_mass: Tensor::from_slice(&[0.1f32, 0.2]),
+        log_tail: Tensor::from_slice(&[0.1f32, 0.2]).log(),
         log_z: Tensor::from_slice(&[1.0f32, 2.0]),
         temperature: 1.0,
     };
@@ -345,7 +345,10 @@ fn a_sparse_signal_loses_the_teachers_padding_rows() {
         lp,
         [f32::NEG_INFINITY, -1.0, -2.0, -0.3, f32::NEG_INFINITY, -3.0]
     );
-    assert_eq!(Vec::<f32>::try_from(out.tail_mass).unwrap(), [0.1, 0.2]);
+    assert_eq!(
+        Vec::<f32>::try_from(out.log_tail).unwrap(),
+        [0.1f32.ln(), 0.2f32.ln()]
+    );
 }
 
 #[test]

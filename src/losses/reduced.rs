@@ -1,5 +1,5 @@
 //! Divergences on a stored (sparse) teacher signal compare reduced distributions (DESIGN.md §7):
-//!   p̃ = (p(v_1), …, p(v_K), m),                 m = tail_mass = Σ_{v ∉ S} p(v)
+//!   p̃ = (p(v_1), …, p(v_K), m),                 m = exp(log_tail) = Σ_{v ∉ S} p(v)
 //!   q̃ = (q(v_1), …, q(v_K), 1 − Σ_k q(v_k)),    q = softmax(s/T)
 //! on the K + 1 outcomes "the stored token v_k" and "a token off the store" (the tail bucket, last),
 //! S = {v_1, …, v_K} the stored ids of the position, p the teacher at the store's temperature T.
@@ -10,7 +10,9 @@
 //! The student's side, stably (never log(1 − Σ q), which cancels when the stored mass nears 1):
 //!   log q(v_k) = gather(s/T, v_k) − logsumexp_v(s_v/T)
 //!   log q̃_tail = logsumexp_{v ∉ S}(s_v/T) − logsumexp_v(s_v/T)   (stored ids scattered to −inf)
-//! The teacher's side: log p̃ = (logprobs, log m), log m = −inf when m = 0.
+//! The teacher's side: log p̃ = (logprobs, log_tail); log_tail = −inf only when the teacher gives the
+//! tokens off the store no mass at all (a store computes it as a log-sum-exp: a sharp teacher's
+//! tail of 1e−60 stays in, and with it the student's tail in the student's normalisation).
 //! Padding slots (logprob −inf) and a bucket of teacher mass 0 lie outside the support on both sides
 //! (the losses' convention, losses/mod.rs): they leave every sum and the student is renormalised over
 //! the rest. The losses then receive the "logits" T·log p̃ and T·log q̃: their own division by T gives
@@ -70,10 +72,10 @@ impl Reduced {
                 signal.logprobs.size()
             )));
         }
-        if signal.tail_mass.size() != [n] {
+        if signal.log_tail.size() != [n] {
             return Err(Error::Shape(format!(
-                "teacher store: 'tail_mass' has shape {:?}, expected [{n}]",
-                signal.tail_mass.size()
+                "teacher store: 'log_tail' has shape {:?}, expected [{n}]",
+                signal.log_tail.size()
             )));
         }
         let device = student.device();
@@ -100,14 +102,12 @@ impl Reduced {
         let logprobs = with_k(&signal.logprobs.f_to_kind(kind)?)?.f_detach()?; // [..., K]
         let stored = logprobs.f_isneginf()?.f_logical_not()?;
         let q = student_log_probs(student, &indices, &stored, temperature)?; // [..., K+1]
-                                                                             // log m, −inf where m = 0 (a slightly negative tail from the store's arithmetic is 0)
+                                                                             // log m as stored (−inf only for a tail with no mass at all)
         let tail = signal
-            .tail_mass
+            .log_tail
             .f_to_device(device)?
             .f_to_kind(kind)?
             .f_reshape(lead)?
-            .f_clamp_min(0.0)?
-            .f_log()?
             .f_unsqueeze(-1)?;
         let p = Tensor::f_cat(&[logprobs, tail], -1)?.f_detach()?; // [..., K+1]
         let times_t = |x: Tensor| -> Result<Tensor> {

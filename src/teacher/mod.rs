@@ -31,7 +31,7 @@ pub enum TeacherDist {
 
 /// The teacher's distribution at N positions reduced to K stored tokens per position plus a tail,
 /// p = softmax(t/T) at the capture temperature T:
-///   p(v) = exp(logprobs[n, k]) for v = indices[n, k]; every token not stored shares `tail_mass[n]`.
+///   p(v) = exp(logprobs[n, k]) for v = indices[n, k]; every token not stored shares exp(`log_tail[n]`).
 /// A row keeps the teacher's most probable tokens, sorted by descending log-probability, except that
 /// the label token is always included (it may come last, out of order). A row with fewer than K kept
 /// tokens is padded: a padding slot has logprob −inf and an index equal to another valid index of
@@ -44,8 +44,10 @@ pub struct SparseDist {
     pub indices: Tensor,
     /// (N, K) f32: log p(v) of the stored tokens at T; −inf on padding slots
     pub logprobs: Tensor,
-    /// (N) f32: the mass of every token not stored (≥ 0; 0 when every token is stored, may be 0)
-    pub tail_mass: Tensor,
+    /// (N) f32: log of the mass of every token not stored; −inf when they have none (every token
+    /// stored, or a teacher whose other logits are −inf: a masked vocabulary), never from rounding
+    /// (a store computes it as a log-sum-exp, so a tiny tail stays finite)
+    pub log_tail: Tensor,
     /// (N) f32: logsumexp(t/T) over the full vocabulary (informational)
     pub log_z: Tensor,
     /// T, the temperature the signal was captured at

@@ -4,8 +4,10 @@
 //! Selection (DESIGN.md §7): with p = softmax(t/T) at the capture temperature T, keep the smallest
 //! set of most probable tokens whose mass reaches `coverage`, at most `max_k` tokens, and always the
 //! label token (when it is not among them it takes the last place, so the set never exceeds
-//! `max_k`). Recorded besides: the tail mass 1 − Σ_kept p (computed in f64 from the unquantised
-//! probabilities) and log Z = logsumexp(t/T) over the whole vocabulary.
+//! `max_k`). Recorded besides: the log of the tail mass, log Σ_{v not kept} p(v), computed as a
+//! log-sum-exp over the tokens not kept (exact however small the tail: a sharp teacher's tail of
+//! 1e−60 is not 0, which would take the tail out of both reduced distributions), and
+//! log Z = logsumexp(t/T) over the whole vocabulary.
 //!
 //! Quantisation of log p (the ids are exact):
 //!   u8:  q = round(−log p / STEP), STEP = U8_RANGE / 255, clamped to [0, 255]; log p ≈ −q·STEP.
@@ -101,7 +103,8 @@ pub struct Kept {
     pub ids: Vec<u32>,
     /// exact (unquantised) log p_T
     pub logprobs: Vec<f32>,
-    pub tail_mass: f32,
+    /// log of the mass of every token not kept (−inf only when they have none at all)
+    pub log_tail: f32,
     pub log_z: f32,
 }
 
@@ -142,7 +145,7 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
     let label_lp = host(&label_lp)?;
     let log_z = host(&log_z)?;
     let k = k as usize;
-    let mut out = Vec::with_capacity(n as usize);
+    let mut chosen: Vec<(Vec<u32>, Vec<f32>)> = Vec::with_capacity(n as usize);
     for (row, &label) in labels.iter().enumerate() {
         let vals = &top_v[row * k..(row + 1) * k];
         let ids = &top_i[row * k..(row + 1) * k];
@@ -163,15 +166,30 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
             kept_ids.push(label as u32);
             kept_lp.push(label_lp[row]);
         }
-        let total: f64 = kept_lp.iter().map(|&x| (x as f64).exp()).sum();
-        out.push(Kept {
-            ids: kept_ids,
-            logprobs: kept_lp,
-            tail_mass: (1.0 - total).max(0.0) as f32,
-            log_z: log_z[row],
-        });
+        chosen.push((kept_ids, kept_lp));
     }
-    Ok(out)
+    // log of the tail: the log-sum-exp of log p over the tokens not kept (kept ids scattered to
+    // −inf; a row's ids padded with its first, which scatters to the same place)
+    let width = chosen.iter().map(|c| c.0.len()).max().unwrap_or(1);
+    let mut at = Vec::with_capacity(chosen.len() * width);
+    for (ids, _) in &chosen {
+        at.extend((0..width).map(|j| *ids.get(j).unwrap_or(&ids[0]) as i64));
+    }
+    let at = Tensor::f_from_slice(&at)?
+        .f_view([n, width as i64])?
+        .f_to_device(lp.device())?;
+    let off = lp.f_scatter_value(-1, &at, f64::NEG_INFINITY)?;
+    let log_tail = host(&off.f_logsumexp(&[-1i64][..], false)?)?;
+    Ok(chosen
+        .into_iter()
+        .enumerate()
+        .map(|(row, (ids, logprobs))| Kept {
+            ids,
+            logprobs,
+            log_tail: log_tail[row],
+            log_z: log_z[row],
+        })
+        .collect())
 }
 
 /// The kept sets of every target position of some rows, from their dense logits (R·T, V) and

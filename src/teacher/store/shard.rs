@@ -12,7 +12,7 @@
 //!   ids        U16 or U32 [E]   token ids (U16 when the vocabulary fits), descending probability
 //!                               except the label, which may come last
 //!   logprobs   U8 or F16 [E]    quantised log p_T (see select.rs)
-//!   tail_mass  F32 [P]  1 − Σ kept p
+//!   log_tail   F32 [P]  log of the mass of the tokens not kept (log Σ_{v not kept} p(v))
 //!   log_z      F32 [P]  logsumexp(t/T) over the whole vocabulary
 //! Metadata: format, quantisation.
 use super::select::{Kept, Quant};
@@ -46,7 +46,7 @@ pub struct Shard {
     pub entry_at: Vec<usize>,
     pub ids: Vec<u32>,
     pub logprobs: Vec<f32>,
-    pub tail_mass: Vec<f32>,
+    pub log_tail: Vec<f32>,
     pub log_z: Vec<f32>,
 }
 
@@ -108,7 +108,7 @@ pub fn encode(records: &[SeqRecord], quant: Quant, wide_ids: bool) -> Result<Vec
                 push_id(&mut ids, i);
             }
             quant.encode(&p.logprobs, &mut lps);
-            tail.extend_from_slice(&p.tail_mass.to_le_bytes());
+            tail.extend_from_slice(&p.log_tail.to_le_bytes());
             log_z.extend_from_slice(&p.log_z.to_le_bytes());
             entries += p.ids.len();
         }
@@ -129,7 +129,7 @@ pub fn encode(records: &[SeqRecord], quant: Quant, wide_ids: bool) -> Result<Vec
         ("k".to_string(), view(Dtype::U16, n_pos, &k)?),
         ("ids".to_string(), view(id_type, entries, &ids)?),
         ("logprobs".to_string(), view(lp_type, entries, &lps)?),
-        ("tail_mass".to_string(), view(Dtype::F32, n_pos, &tail)?),
+        ("log_tail".to_string(), view(Dtype::F32, n_pos, &tail)?),
         ("log_z".to_string(), view(Dtype::F32, n_pos, &log_z)?),
     ];
     let meta = HashMap::from([
@@ -220,7 +220,7 @@ pub fn decode(compressed: &[u8], quant: Quant, file: &Path) -> Result<Shard> {
         Quant::F16 => Dtype::F16,
     };
     let logprobs = quant.decode(get("logprobs", &[want])?.1)?;
-    let tail_mass = f32s(get("tail_mass", &[Dtype::F32])?.1);
+    let log_tail = f32s(get("log_tail", &[Dtype::F32])?.1);
     let log_z = f32s(get("log_z", &[Dtype::F32])?.1);
     if positions.len() != keys.len() {
         return Err(bad("'positions' and 'keys' differ in length".into()));
@@ -231,12 +231,12 @@ pub fn decode(compressed: &[u8], quant: Quant, file: &Path) -> Result<Shard> {
         pos_at.push(pos_at.last().expect("nonempty") + p as usize);
     }
     let n_pos = *pos_at.last().expect("nonempty");
-    if k.len() != n_pos || at.len() != n_pos || tail_mass.len() != n_pos || log_z.len() != n_pos {
+    if k.len() != n_pos || at.len() != n_pos || log_tail.len() != n_pos || log_z.len() != n_pos {
         return Err(bad(format!(
-            "{n_pos} positions by 'positions', but 'k' has {}, 'at' {}, 'tail_mass' {}, 'log_z' {}",
+            "{n_pos} positions by 'positions', but 'k' has {}, 'at' {}, 'log_tail' {}, 'log_z' {}",
             k.len(),
             at.len(),
-            tail_mass.len(),
+            log_tail.len(),
             log_z.len()
         )));
     }
@@ -275,7 +275,7 @@ pub fn decode(compressed: &[u8], quant: Quant, file: &Path) -> Result<Shard> {
         entry_at,
         ids,
         logprobs,
-        tail_mass,
+        log_tail,
         log_z,
     })
 }
@@ -296,13 +296,13 @@ impl Shard {
     pub fn tokens_of(&self, s: usize) -> &[u32] {
         &self.tokens[s * self.seq_len..(s + 1) * self.seq_len]
     }
-    /// The kept tokens at position `p` (ids, log-probabilities), its tail mass and log Z.
+    /// The kept tokens at position `p` (ids, log-probabilities), its log tail mass and log Z.
     pub fn kept(&self, p: usize) -> Kept {
         let e = self.entries(p);
         Kept {
             ids: self.ids[e.clone()].to_vec(),
             logprobs: self.logprobs[e].to_vec(),
-            tail_mass: self.tail_mass[p],
+            log_tail: self.log_tail[p],
             log_z: self.log_z[p],
         }
     }

@@ -54,11 +54,11 @@ pub fn stored_row(store: &Store, key: u64, labels: &[i64]) -> Result<Option<Vec<
     Ok(Some(range.map(|p| rec.shard.kept(p)).collect()))
 }
 
-/// A batch's sparse signal: (N, K) ids and log-probabilities, (N) tail mass and log Z.
+/// A batch's sparse signal: (N, K) ids and log-probabilities, (N) log tail mass and log Z.
 pub struct SparseBatch {
     indices: Tensor,
     logprobs: Tensor,
-    tail_mass: Tensor,
+    log_tail: Tensor,
     log_z: Tensor,
     temperature: f64,
 }
@@ -83,7 +83,7 @@ impl SparseBatch {
         let n = rows.len() * t;
         let mut ids = vec![0i64; n * k];
         let mut lps = vec![f32::NEG_INFINITY; n * k];
-        let mut tail = vec![0f32; n];
+        let mut tail = vec![f32::NEG_INFINITY; n];
         let mut log_z = vec![0f32; n];
         for (r, (kept, labels)) in rows.iter().zip(labels).enumerate() {
             let mut next = kept.iter();
@@ -104,7 +104,7 @@ impl SparseBatch {
                     *s = p.ids.get(j).map_or(first, |&x| x as i64);
                 }
                 lps[at * k..at * k + p.logprobs.len()].copy_from_slice(&p.logprobs);
-                tail[at] = p.tail_mass;
+                tail[at] = p.log_tail;
                 log_z[at] = p.log_z;
             }
             if next.next().is_some() {
@@ -121,7 +121,7 @@ impl SparseBatch {
             logprobs: Tensor::f_from_slice(&lps)?
                 .f_view(nk)?
                 .f_to_device(device)?,
-            tail_mass: Tensor::f_from_slice(&tail)?.f_to_device(device)?,
+            log_tail: Tensor::f_from_slice(&tail)?.f_to_device(device)?,
             log_z: Tensor::f_from_slice(&log_z)?.f_to_device(device)?,
             temperature,
         }))?;
@@ -131,7 +131,7 @@ impl SparseBatch {
         Ok(SparseBatch {
             indices: d.indices,
             logprobs: d.logprobs,
-            tail_mass: d.tail_mass,
+            log_tail: d.log_tail,
             log_z: d.log_z,
             temperature,
         })
@@ -143,7 +143,7 @@ impl PreparedSignal for SparseBatch {
         Ok(TeacherDist::Sparse(SparseDist {
             indices: self.indices.f_narrow(0, start, len)?,
             logprobs: self.logprobs.f_narrow(0, start, len)?,
-            tail_mass: self.tail_mass.f_narrow(0, start, len)?,
+            log_tail: self.log_tail.f_narrow(0, start, len)?,
             log_z: self.log_z.f_narrow(0, start, len)?,
             temperature: self.temperature,
         }))
@@ -152,7 +152,7 @@ impl PreparedSignal for SparseBatch {
         &[]
     }
     fn len(&self) -> i64 {
-        self.tail_mass.size()[0]
+        self.log_tail.size()[0]
     }
 }
 

@@ -41,9 +41,9 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
     let mut mass = 0.0f64;
     for s in 0..h.shards.len() {
         let shard = store.shard(s)?;
-        for p in 0..shard.tail_mass.len() {
+        for p in 0..shard.log_tail.len() {
             ks.push(shard.entries(p).len());
-            mass += 1.0 - shard.tail_mass[p] as f64;
+            mass += 1.0 - (shard.log_tail[p] as f64).exp();
         }
     }
     let n = ks.len();
@@ -127,7 +127,7 @@ pub fn verify(
             let e = shard.entries(p);
             let kept: Vec<i64> = shard.ids[e.clone()].iter().map(|&x| x as i64).collect();
             let stored: Vec<f64> = shard.logprobs[e].iter().map(|&x| x as f64).collect();
-            let tail = shard.tail_mass[p] as f64;
+            let tail = (shard.log_tail[p] as f64).exp();
             let full = logp.f_select(0, pos)?; // (V)
             let idx = Tensor::f_from_slice(&kept)?.f_to_device(device)?;
             let exact =
