@@ -17,6 +17,9 @@ pub struct Args {
     /// Capture only the training sequences the run's first N steps visit (and the validation ones)
     #[arg(long)]
     steps: Option<usize>,
+    /// Afterwards, time the bare teacher forward over the same batches and print both rates
+    #[arg(long)]
+    compare_forward: bool,
     /// Override a key of the run file, e.g. --set capture.coverage=0.99 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -30,21 +33,33 @@ pub fn run(args: Args, threads: Option<i64>, device: Option<&str>) -> Result<()>
         append: args.append,
         steps: args.steps,
         progress: true,
+        compare_forward: args.compare_forward,
     };
     let s = capture(&cfg, &cfg.capture, &opts)?;
     let h = &s.header;
     println!(
-        "captured {} sequences ({} positions) in {:.1} s: {:.0} tokens/s{}",
+        "captured {} sequences ({} positions) in {:.1} s ({:.1} s capturing): {:.1} tokens/s{}",
         s.captured,
         s.positions,
         s.seconds,
-        s.tokens as f64 / s.seconds.max(1e-9),
+        s.loop_seconds,
+        s.tokens as f64 / s.loop_seconds.max(1e-9),
         if s.already > 0 {
             format!("; {} were already in the store", s.already)
         } else {
             String::new()
         }
     );
+    if let Some(f) = s.forward_seconds {
+        let (c, b) = (
+            s.tokens as f64 / s.loop_seconds.max(1e-9),
+            s.tokens as f64 / f.max(1e-9),
+        );
+        println!(
+            "bare teacher forward over the same batches: {b:.1} tokens/s; capture at {:.2}x of it",
+            c / b
+        );
+    }
     println!(
         "store {}: {} sequences, {} positions, {:.1} bytes/token",
         show(&s.dir),

@@ -30,6 +30,8 @@ pub struct CaptureOptions {
     pub steps: Option<usize>,
     /// draw a progress bar on stderr
     pub progress: bool,
+    /// afterwards, time the bare teacher forward over the same batches (the capture's overhead)
+    pub compare_forward: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +45,10 @@ pub struct CaptureSummary {
     /// tokens the teacher ran over (rows × seq_len)
     pub tokens: usize,
     pub seconds: f64,
+    /// seconds of the capture loop alone (teacher forward, selection, shards), and of the bare
+    /// teacher forward over the same batches when asked for
+    pub loop_seconds: f64,
+    pub forward_seconds: Option<f64>,
     pub header: Header,
 }
 
@@ -181,6 +187,12 @@ pub fn capture(
     let (mut positions, mut tokens) = (0usize, 0usize);
     let owned: Vec<Sequence> = todo.iter().map(|s| (*s).clone()).collect();
     let idx: Vec<usize> = (0..owned.len()).collect();
+    if opts.compare_forward && !idx.is_empty() {
+        // one warm-up forward, so that neither timing pays the first call's set-up
+        let batch = Batch::new(&owned, &idx[..batch_rows.min(idx.len())], cfg.run.device)?;
+        let _ = tch::no_grad(|| teacher.model.forward(&batch.ids))?;
+    }
+    let loop_start = Instant::now();
     for rows in idx.chunks(batch_rows) {
         let batch = Batch::new(&owned, rows, cfg.run.device)?;
         let labels: Vec<Vec<i64>> = rows.iter().map(|&r| owned[r].labels.clone()).collect();
@@ -206,9 +218,21 @@ pub fn capture(
         }
     }
     let header = writer.finish()?;
+    let loop_seconds = loop_start.elapsed().as_secs_f64();
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let forward_seconds = if opts.compare_forward {
+        let t = Instant::now();
+        for rows in idx.chunks(batch_rows) {
+            let batch = Batch::new(&owned, rows, cfg.run.device)?;
+            let logits = tch::no_grad(|| teacher.model.forward(&batch.ids))?;
+            let _ = logits.f_sum(tch::Kind::Float)?.f_double_value(&[])?; // wait for the work
+        }
+        Some(t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
     Ok(CaptureSummary {
         dir,
         captured: owned.len(),
@@ -216,6 +240,8 @@ pub fn capture(
         positions,
         tokens,
         seconds: started.elapsed().as_secs_f64(),
+        loop_seconds,
+        forward_seconds,
         header,
     })
 }

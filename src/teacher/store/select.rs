@@ -108,8 +108,15 @@ pub struct Kept {
     pub log_z: f32,
 }
 
+/// Below this tail mass, 1 − Σ kept p loses digits to cancellation: such rows take the exact
+/// log-sum-exp over the tokens not kept instead (relative error of 1 − m from f32 log-probabilities
+/// is about 1e−7 / (1 − m): ≤ 1e−5 above this bound).
+const EXACT_TAIL_BELOW: f64 = 0.01;
+
 /// Select the kept tokens at N positions from the teacher's logits (N, V) and the labels (N)
-/// (each a valid id). One host read of (N, max_k) values and ids.
+/// (each a valid id). The vocabulary-sized work is one log-softmax and one top-k; rows with a tail
+/// below `EXACT_TAIL_BELOW` add a log-sum-exp over their tokens not kept. One host read of
+/// (N, max_k).
 pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Kept>> {
     let n = logits.size()[0];
     if n as usize != labels.len() {
@@ -123,14 +130,23 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
     }
     let v = logits.size()[1];
     let k = (sel.max_k as i64).min(v);
-    let scaled = logits
-        .f_to_kind(Kind::Float)?
-        .f_div_scalar(sel.temperature)?;
-    let log_z = scaled.f_logsumexp(&[-1i64][..], false)?; // (N)
-    let lp = scaled.f_sub(&log_z.f_unsqueeze(-1)?)?; // (N, V)
+    let x = logits.f_to_kind(Kind::Float)?;
+    let x = if sel.temperature == 1.0 {
+        x
+    } else {
+        x.f_div_scalar(sel.temperature)?
+    };
+    // log p over the vocabulary (log_softmax is the fastest full pass on the CPU: faster than a
+    // separate logsumexp); log Z read back from the top entry: log Z = x_top − log p_top
+    let lp = x.f_log_softmax(-1, Kind::Float)?; // (N, V)
     let (top_v, top_i) = lp.f_topk(k, -1, true, true)?; // (N, k) descending
+    let first = top_i.f_narrow(1, 0, 1)?;
+    let log_z = x
+        .f_gather(-1, &first, false)?
+        .f_sub(&top_v.f_narrow(1, 0, 1)?)?
+        .f_squeeze_dim(-1)?; // (N)
     let label_t = Tensor::f_from_slice(labels)?
-        .f_to_device(lp.device())?
+        .f_to_device(x.device())?
         .f_unsqueeze(-1)?;
     let label_lp = lp.f_gather(-1, &label_t, false)?.f_squeeze_dim(-1)?; // (N)
     let host = |t: &Tensor| -> Result<Vec<f32>> {
@@ -145,7 +161,7 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
     let label_lp = host(&label_lp)?;
     let log_z = host(&log_z)?;
     let k = k as usize;
-    let mut chosen: Vec<(Vec<u32>, Vec<f32>)> = Vec::with_capacity(n as usize);
+    let mut chosen: Vec<(Vec<u32>, Vec<f32>, f64)> = Vec::with_capacity(n as usize);
     for (row, &label) in labels.iter().enumerate() {
         let vals = &top_v[row * k..(row + 1) * k];
         let ids = &top_i[row * k..(row + 1) * k];
@@ -166,28 +182,52 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
             kept_ids.push(label as u32);
             kept_lp.push(label_lp[row]);
         }
-        chosen.push((kept_ids, kept_lp));
+        let kept_mass: f64 = kept_lp.iter().map(|&x| (x as f64).exp()).sum();
+        chosen.push((kept_ids, kept_lp, 1.0 - kept_mass));
     }
-    // log of the tail: the log-sum-exp of log p over the tokens not kept (kept ids scattered to
-    // −inf; a row's ids padded with its first, which scatters to the same place)
-    let width = chosen.iter().map(|c| c.0.len()).max().unwrap_or(1);
-    let mut at = Vec::with_capacity(chosen.len() * width);
-    for (ids, _) in &chosen {
-        at.extend((0..width).map(|j| *ids.get(j).unwrap_or(&ids[0]) as i64));
+    // the exact tail of the sharp rows: log-sum-exp over their tokens not kept (kept ids scattered
+    // to −inf; a row's ids padded with its first, which scatters to the same place)
+    let sharp: Vec<usize> = (0..chosen.len())
+        .filter(|&r| chosen[r].2 < EXACT_TAIL_BELOW && chosen[r].0.len() < v as usize)
+        .collect();
+    let mut exact = vec![f32::NEG_INFINITY; chosen.len()];
+    if !sharp.is_empty() {
+        let width = sharp.iter().map(|&r| chosen[r].0.len()).max().unwrap_or(1);
+        let mut at = Vec::with_capacity(sharp.len() * width);
+        for &r in &sharp {
+            let ids = &chosen[r].0;
+            at.extend((0..width).map(|j| *ids.get(j).unwrap_or(&ids[0]) as i64));
+        }
+        let rows = Tensor::f_from_slice(&sharp.iter().map(|&r| r as i64).collect::<Vec<_>>())?
+            .f_to_device(x.device())?;
+        let at = Tensor::f_from_slice(&at)?
+            .f_view([sharp.len() as i64, width as i64])?
+            .f_to_device(x.device())?;
+        let off = lp
+            .f_index_select(0, &rows)?
+            .f_scatter_value(-1, &at, f64::NEG_INFINITY)?
+            .f_logsumexp(&[-1i64][..], false)?;
+        for (&r, t) in sharp.iter().zip(host(&off)?) {
+            exact[r] = t;
+        }
     }
-    let at = Tensor::f_from_slice(&at)?
-        .f_view([n, width as i64])?
-        .f_to_device(lp.device())?;
-    let off = lp.f_scatter_value(-1, &at, f64::NEG_INFINITY)?;
-    let log_tail = host(&off.f_logsumexp(&[-1i64][..], false)?)?;
     Ok(chosen
         .into_iter()
         .enumerate()
-        .map(|(row, (ids, logprobs))| Kept {
-            ids,
-            logprobs,
-            log_tail: log_tail[row],
-            log_z: log_z[row],
+        .map(|(row, (ids, logprobs, tail))| {
+            let log_tail = if tail >= EXACT_TAIL_BELOW {
+                tail.ln() as f32
+            } else if ids.len() < v as usize {
+                exact[row]
+            } else {
+                f32::NEG_INFINITY // every token kept
+            };
+            Kept {
+                ids,
+                logprobs,
+                log_tail,
+                log_z: log_z[row],
+            }
         })
         .collect())
 }
@@ -202,20 +242,18 @@ pub fn select_rows(
     sel: &Selection,
     quantised: bool,
 ) -> Result<Vec<Vec<Kept>>> {
-    let t = labels.first().map_or(0, |l| l.len());
-    let mut flat_at = Vec::new();
-    let mut flat_labels = Vec::new();
-    for (r, l) in labels.iter().enumerate() {
-        for (pos, &label) in l.iter().enumerate() {
-            if label != crate::data::IGNORE_INDEX {
-                flat_at.push((r * t + pos) as i64);
-                flat_labels.push(label);
-            }
-        }
-    }
-    let at = Tensor::f_from_slice(&flat_at)?.f_to_device(logits.device())?;
-    let picked = logits.f_index_select(0, &at)?;
-    let mut kept = select(&picked, &flat_labels, sel)?.into_iter();
+    // every position at once (packed text has a target at nearly every position: a copy of the
+    // targets' rows would cost more than the few extra rows), a stand-in label where none counts
+    let flat: Vec<i64> = labels
+        .iter()
+        .flat_map(|l| l.iter().map(|&x| if x == crate::data::IGNORE_INDEX { 0 } else { x }))
+        .collect();
+    let all = select(logits, &flat, sel)?;
+    let mut kept = all
+        .into_iter()
+        .zip(labels.iter().flatten())
+        .filter(|(_, &l)| l != crate::data::IGNORE_INDEX)
+        .map(|(k, _)| k);
     let mut out = Vec::with_capacity(labels.len());
     for l in labels {
         let n = l
