@@ -6,7 +6,7 @@ use crate::data::{Batch, IGNORE_INDEX};
 use crate::losses::LossSpec;
 use crate::model::LoadedModel;
 use crate::objective::{LossTerm, Objective};
-use crate::teacher::{Live, TeacherDist};
+use crate::teacher::{TeacherDist, TeacherSignal};
 use crate::train::optim::{AdamW, OptimConfig, Schedule};
 use crate::train::step::{micro_step, StepOptions};
 use crate::{Error, Result};
@@ -63,15 +63,15 @@ pub fn matmul_peak_gflops(n: i64) -> f64 {
 
 /// Model FLOPs per token of one distillation step: 2·N_teacher + 6·N_student (N counts the head
 /// once) plus attention scores: 4·L·T·d_attn for the teacher's forward and 12·L·T·d_attn for the
-/// student's forward and backward (no causal discount).
-pub fn flops_per_token(teacher: &LoadedModel, student: &LoadedModel, seq: usize) -> f64 {
+/// student's forward and backward (no causal discount). Without a teacher (a store), the student's.
+pub fn flops_per_token(teacher: Option<&LoadedModel>, student: &LoadedModel, seq: usize) -> f64 {
     let attn = |m: &LoadedModel| {
         let c = &m.model.config;
         c.num_hidden_layers as f64 * seq as f64 * (c.num_attention_heads * c.head_dim) as f64
     };
-    2.0 * teacher.model.config.num_params() as f64
-        + 6.0 * student.model.config.num_params() as f64
-        + 4.0 * attn(teacher)
+    teacher.map_or(0.0, |t| {
+        2.0 * t.model.config.num_params() as f64 + 4.0 * attn(t)
+    }) + 6.0 * student.model.config.num_params() as f64
         + 12.0 * attn(student)
 }
 
@@ -100,11 +100,21 @@ pub fn bench_ids(batch: usize, seq: usize, vocab: usize) -> Tensor {
     Tensor::from_slice(&ids).view([batch as i64, seq as i64])
 }
 
-/// Time `steps` full distillation steps (after `warmup`) of `student` against `teacher` with
+/// The bench's batch: `bench_ids` with next-token labels (the last position predicts nothing).
+pub fn bench_batch(batch: usize, seq: usize, vocab: usize) -> Result<Batch> {
+    let ids = bench_ids(batch, seq, vocab); // (B, T)
+    let labels = ids.roll([-1], [1]);
+    let _ = labels.narrow(1, seq as i64 - 1, 1).fill_(IGNORE_INDEX);
+    Batch::from_ids_labels(&ids, &labels)
+}
+
+/// Time `steps` full distillation steps (after `warmup`) of `student` against a teacher signal
+/// (`teacher`'s live forward, or a store that holds the bench batch, then `teacher` is None) with
 /// `loss`, AdamW (lr 1e-5). `chunk` = positions per chunk of the objective (None = whole tensors).
 #[allow(clippy::too_many_arguments)]
 pub fn step(
-    teacher: &LoadedModel,
+    teacher: Option<&LoadedModel>,
+    signal: &dyn TeacherSignal,
     student: &LoadedModel,
     loss: LossTerm,
     batch: usize,
@@ -113,17 +123,10 @@ pub fn step(
     warmup: usize,
     chunk: Option<usize>,
 ) -> Result<StepReport> {
-    let vocab = teacher
-        .model
-        .config
-        .vocab_size
-        .min(student.model.config.vocab_size);
-    let ids = bench_ids(batch, seq, vocab); // (B, T)
-    let labels = ids.roll([-1], [1]);
-    let _ = labels.narrow(1, seq as i64 - 1, 1).fill_(IGNORE_INDEX);
-    let b = Batch::from_ids_labels(&ids, &labels)?;
+    let vocab = signal.vocab_size().min(student.model.config.vocab_size);
+    let b = bench_batch(batch, seq, vocab)?;
+    let ids = b.ids.shallow_clone();
     let objective = Objective::new(&[loss], steps + warmup)?;
-    let live = Live::new(&teacher.model);
     let cfg = OptimConfig {
         lr: 1e-5,
         betas: (0.9, 0.999),
@@ -157,7 +160,7 @@ pub fn step(
             // are not separable, so the whole objective and backward count as "backward"
             let m = micro_step(
                 &student.model,
-                Some(&live),
+                Some(signal),
                 &objective,
                 &b,
                 &StepOptions::new(Some(c), 1.0),
@@ -167,12 +170,15 @@ pub fn step(
             }
             marks.extend([0.0, 0.0, 0.0, t0.elapsed().as_secs_f64()]);
         } else {
-            let t_logits = tch::no_grad(|| teacher.model.forward(&ids))?.f_flatten(0, 1)?;
+            let t_dist = tch::no_grad(|| -> Result<TeacherDist> {
+                let sig = signal.prepare(&b, &[])?;
+                sig.positions(0, sig.len())
+            })?;
             marks.push(t0.elapsed().as_secs_f64());
             let s_logits = student.model.forward(&ids)?.f_flatten(0, 1)?;
             marks.push(t0.elapsed().as_secs_f64());
             let (l, w) = b.flat_targets()?;
-            let v = objective.compute(&s_logits, Some(&TeacherDist::Dense(t_logits)), &l, &w)?;
+            let v = objective.compute(&s_logits, Some(&t_dist), &l, &w)?;
             let _ = v.total.f_double_value(&[])?;
             marks.push(t0.elapsed().as_secs_f64());
             v.total.f_backward()?;
@@ -197,13 +203,14 @@ pub fn step(
     let sec = median(totals);
     let tokens = (batch * seq) as f64;
     let fpt = flops_per_token(teacher, student, seq);
+    let from_store = teacher.is_none();
     let peak_gflops = matmul_peak_gflops(1024);
     Ok(StepReport {
-        implementation: if chunk.is_some() {
-            format!("distill (chunk {})", chunk.unwrap_or(0))
-        } else {
-            "distill".into()
-        },
+        implementation: format!(
+            "distill{}{}",
+            if from_store { ", from a store" } else { "" },
+            chunk.map_or(String::new(), |c| format!(" (chunk {c})"))
+        ),
         batch,
         seq,
         threads: tch::get_num_threads(),
@@ -283,4 +290,71 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
         });
     }
     Ok(out)
+}
+
+/// Capture the bench batch (`bench_batch`) with `teacher` into the store `dir` (created when
+/// absent; nothing is done when it holds the batch already), with the default selection.
+pub fn capture_batch(
+    teacher: &LoadedModel,
+    dir: &std::path::Path,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+) -> Result<()> {
+    use crate::teacher::store::{config, header, select, shard::SeqRecord, Mode, StoreWriter};
+    let b = bench_batch(batch, seq, vocab)?;
+    let tok = teacher
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| Error::format(&teacher.source, "the teacher has no tokenizer"))?;
+    let identity = header::Identity {
+        teacher: header::teacher_hash(&teacher.source, "f32")?,
+        tokenizer: header::tokenizer_hash(tok),
+        chat_template: header::template_hash(tok),
+        seq_len: seq,
+        packing: false,
+    };
+    let selection = select::Selection {
+        coverage: config::COVERAGE,
+        max_k: config::MAX_K,
+        temperature: 1.0,
+        quantisation: select::Quant::U8,
+    };
+    let mut w = StoreWriter::open(
+        dir,
+        identity,
+        (teacher.source.display().to_string(), "f32".into()),
+        teacher.model.config.vocab_size,
+        selection,
+        header::Capture {
+            fingerprint: crate::teacher::store::capture::data_fingerprint(&b.keys),
+            sequences: b.keys.len(),
+            appended: false,
+        },
+        Mode::Append,
+        config::SHARD_SEQUENCES,
+    )?;
+    if b.keys.iter().all(|k| w.holds(*k)) {
+        return Ok(());
+    }
+    let labels: Vec<Vec<i64>> = Vec::<i64>::try_from(b.labels.f_flatten(0, 1)?)?
+        .chunks(seq)
+        .map(|c| c.to_vec())
+        .collect();
+    let logits = tch::no_grad(|| teacher.model.forward(&b.ids))?.f_flatten(0, 1)?;
+    let kept = select::select_rows(&logits, &labels, &selection, false)?;
+    let ids = Vec::<i64>::try_from(b.ids.f_flatten(0, 1)?)?;
+    for (r, kept) in kept.into_iter().enumerate() {
+        w.add(SeqRecord {
+            key: b.keys[r],
+            tokens: ids[r * seq..(r + 1) * seq]
+                .iter()
+                .map(|&x| x as u32)
+                .collect(),
+            at: (0..seq as u32 - 1).collect(),
+            kept,
+        })?;
+    }
+    w.finish()?;
+    Ok(())
 }

@@ -25,6 +25,10 @@ pub enum BenchCommand {
         /// Positions per chunk of the objective (default: whole tensors)
         #[arg(long)]
         chunk: Option<usize>,
+        /// Train from this teacher store instead of the live teacher: the teacher captures the bench
+        /// batch into it (once), is dropped, and the step reads the store
+        #[arg(long)]
+        store: Option<PathBuf>,
         /// Also write the report as JSON here
         #[arg(long)]
         json: Option<PathBuf>,
@@ -65,6 +69,7 @@ pub fn run(cmd: BenchCommand, device: tch::Device) -> Result<()> {
             steps,
             warmup,
             chunk,
+            store,
             json,
         } => {
             let term =
@@ -75,7 +80,30 @@ pub fn run(cmd: BenchCommand, device: tch::Device) -> Result<()> {
             let mut t = super::load(&teacher, device)?;
             let s = super::load(&student, device)?;
             t.vs.freeze();
-            let r = distill::bench::step(&t, &s, term, batch, seq, steps, warmup, chunk)?;
+            let (_, map) = distill::teacher::vocab::check(&t, &s)?;
+            let r = match store {
+                None => {
+                    let live = distill::teacher::Live::new(&t.model).with_vocab(&map);
+                    distill::bench::step(
+                        Some(&t),
+                        &live,
+                        &s,
+                        term,
+                        batch,
+                        seq,
+                        steps,
+                        warmup,
+                        chunk,
+                    )?
+                }
+                Some(dir) => {
+                    distill::bench::capture_batch(&t, &dir, batch, seq, map.width())?;
+                    drop(t); // no teacher in memory
+                    let st = distill::teacher::Store::open(&dir)?;
+                    let sig = distill::teacher::StoreSignal::new(&st, &map);
+                    distill::bench::step(None, &sig, &s, term, batch, seq, steps, warmup, chunk)?
+                }
+            };
             write_json(json.as_deref(), &r)
         }
         BenchCommand::Losses { shape, reps, .. }

@@ -246,7 +246,10 @@ pub fn select_rows(
     // targets' rows would cost more than the few extra rows), a stand-in label where none counts
     let flat: Vec<i64> = labels
         .iter()
-        .flat_map(|l| l.iter().map(|&x| if x == crate::data::IGNORE_INDEX { 0 } else { x }))
+        .flat_map(|l| {
+            l.iter()
+                .map(|&x| if x == crate::data::IGNORE_INDEX { 0 } else { x })
+        })
         .collect();
     let all = select(logits, &flat, sel)?;
     let mut kept = all
