@@ -614,3 +614,86 @@ fn inspect_and_verify_describe_the_store() {
         "{out}"
     );
 }
+
+/// The last train step logged in `metrics` (0 when none yet).
+fn last_step(metrics: &Path) -> u64 {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "train")
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_killed_hybrid_run_with_write_back_resumes_exactly() {
+    let env = env();
+    let d = env.path();
+    run_file(d, "cap", "path = \"teacher\"\nstore = \"store-a\"", "");
+    ok(&distill(&["capture", &p(d, "cap.toml"), "--steps", "2"]));
+    // a second copy of the same store for the killed run (write-back changes a store)
+    std::fs::create_dir_all(d.join("store-b")).unwrap();
+    for f in std::fs::read_dir(d.join("store-a")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.join("store-b").join(f.file_name().unwrap())).unwrap();
+    }
+    for (name, store) in [("whole", "store-a"), ("killed", "store-b")] {
+        run_file(
+            d,
+            name,
+            &format!("path = \"teacher\"\nstore = \"{store}\"\nwrite_back = true"),
+            "",
+        );
+        let text = std::fs::read_to_string(d.join(format!("{name}.toml"))).unwrap();
+        let text = text
+            .replace("steps = 3", "steps = 8")
+            .replace("checkpoint_every = 0", "checkpoint_every = 1")
+            .replace("shard_sequences = 5", "shard_sequences = 2");
+        std::fs::write(d.join(format!("{name}.toml")), text).unwrap();
+    }
+    let before = Store::open(&d.join("store-a")).unwrap().len();
+    ok(&distill(&["train", &p(d, "whole.toml")]));
+    assert!(Store::open(&d.join("store-a")).unwrap().len() > before, "rows written back");
+    let metrics = d.join("out-killed/metrics.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["train", &p(d, "killed.toml")])
+        .env("DISTILL_FAULT_STEP_DELAY_MS", "400")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while last_step(&metrics) < 4 && t.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let reached = last_step(&metrics);
+    assert!((4..8).contains(&reached), "killed at step {reached}");
+    ok(&distill(&["train", &p(d, "killed.toml"), "--resume"]));
+    let (wa, la) = result(d, "whole");
+    let (wb, lb) = result(d, "killed");
+    assert!(wa == wb, "killed at step {reached}: weights differ");
+    // step by step (the killed run logs the steps after its last checkpoint twice: the last wins)
+    let loss = |name: &str, step: u64| -> f64 {
+        std::fs::read_to_string(d.join(format!("out-{name}/metrics.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "train" && r["step"] == step)
+            .last()
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    for step in 1..=8 {
+        assert_eq!(loss("whole", step), loss("killed", step), "step {step}");
+    }
+    assert_eq!(la.len(), 8);
+    assert!(lb.len() >= 8);
+    // the two stores ended alike: the same sequences, the same records
+    assert_eq!(records(&d.join("store-a")), records(&d.join("store-b")));
+}

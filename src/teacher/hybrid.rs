@@ -1,7 +1,8 @@
 //! The hybrid teacher: a store serves the rows it holds, the live teacher the rest (new or changed
 //! data). Per batch:
 //!   every row stored  → the store's sparse signal, no teacher forward;
-//!   no row stored     → the live teacher's dense logits, exactly as without a store;
+//!   no row stored     → the live teacher's dense logits, exactly as without a store (with
+//!                       write-back: reduced as below);
 //!   some rows stored  → the live teacher runs on the missing rows only, their distributions reduced
 //!                       by the store's own selection (and quantisation), so the batch is sparse.
 //! With write-back, the rows the live teacher computed are added to the store (its selection), and
@@ -127,16 +128,13 @@ impl TeacherSignal for Hybrid<'_> {
                 device,
             )?));
         }
-        if missing.len() == stored.len() {
-            let live = self.live.prepare(batch, hidden_layers)?;
-            if self.state.borrow().writer.is_some() {
-                let dense = live.positions(0, live.len())?;
-                let kept = select_rows(dense.dense()?, &labels, &sel, false)?;
-                self.write_back(batch, &missing, kept, &labels)?;
-            }
-            return Ok(live);
+        // no row stored, nothing written back: exactly the live teacher
+        if missing.len() == stored.len() && self.state.borrow().writer.is_none() {
+            return self.live.prepare(batch, hidden_layers);
         }
-        // the live teacher on the missing rows only
+        // the live teacher on the missing rows only, reduced as the store reduces (with write-back
+        // every live row is, so that a row reads the same before and after it is written: a resumed
+        // run that finds it in the store trains exactly as the run that wrote it)
         let at = Tensor::f_from_slice(&missing.iter().map(|&r| r as i64).collect::<Vec<_>>())?
             .f_to_device(device)?;
         let sub = Batch::from_ids_labels(

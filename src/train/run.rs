@@ -446,7 +446,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
                 appended: true,
             },
             crate::teacher::store::Mode::Append,
-            crate::teacher::store::config::SHARD_SEQUENCES,
+            cfg.capture.shard_sequences,
         )?);
     }
     let mut opt = AdamW::new(&student.vs, &cfg.optim)?;
@@ -823,6 +823,10 @@ fn steps(
         if step == total
             || (cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every))
         {
+            // rows written back so far reach the store before the checkpoint that has read them
+            if let Some(w) = s.hybrid.borrow_mut().writer.as_mut() {
+                w.flush()?;
+            }
             out.checkpoint(&s.student, &s.opt, &s.state, cfg.run.keep_last)?;
         }
         faults.after_step();
