@@ -616,6 +616,7 @@ fn inspect_and_verify_describe_the_store() {
 }
 
 /// The last train step logged in `metrics` (0 when none yet).
+#[cfg(feature = "fault-injection")]
 fn last_step(metrics: &Path) -> u64 {
     std::fs::read_to_string(metrics)
         .unwrap_or_default()
@@ -656,7 +657,10 @@ fn a_killed_hybrid_run_with_write_back_resumes_exactly() {
     }
     let before = Store::open(&d.join("store-a")).unwrap().len();
     ok(&distill(&["train", &p(d, "whole.toml")]));
-    assert!(Store::open(&d.join("store-a")).unwrap().len() > before, "rows written back");
+    assert!(
+        Store::open(&d.join("store-a")).unwrap().len() > before,
+        "rows written back"
+    );
     let metrics = d.join("out-killed/metrics.jsonl");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["train", &p(d, "killed.toml")])
@@ -683,8 +687,7 @@ fn a_killed_hybrid_run_with_write_back_resumes_exactly() {
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r["kind"] == "train" && r["step"] == step)
-            .last()
+            .rfind(|r| r["kind"] == "train" && r["step"] == step)
             .unwrap()["loss"]
             .as_f64()
             .unwrap()

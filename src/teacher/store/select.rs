@@ -68,7 +68,7 @@ impl Quant {
                 .map(|&q| (-(q as f64) * U8_STEP) as f32)
                 .collect()),
             Quant::F16 => {
-                if bytes.len() % 2 != 0 {
+                if !bytes.len().is_multiple_of(2) {
                     return Err(Error::Invalid(
                         "f16 log-probabilities: odd byte count".into(),
                     ));
