@@ -319,6 +319,7 @@ pub fn capture_batch(
         max_k: config::MAX_K,
         temperature: 1.0,
         quantisation: select::Quant::U8,
+        tail_samples: config::TAIL_SAMPLES,
     };
     let mut w = StoreWriter::open(
         dir,
@@ -342,7 +343,7 @@ pub fn capture_batch(
         .map(|c| c.to_vec())
         .collect();
     let logits = tch::no_grad(|| teacher.model.forward(&b.ids))?.f_flatten(0, 1)?;
-    let kept = select::select_rows(&logits, &labels, &selection, false)?;
+    let kept = select::select_rows(&logits, &labels, &b.keys, &selection, false)?;
     let ids = Vec::<i64>::try_from(b.ids.f_flatten(0, 1)?)?;
     for (r, kept) in kept.into_iter().enumerate() {
         w.add(SeqRecord {

@@ -700,3 +700,70 @@ fn a_killed_hybrid_run_with_write_back_resumes_exactly() {
     // the two stores ended alike: the same sequences, the same records
     assert_eq!(records(&d.join("store-a")), records(&d.join("store-b")));
 }
+
+#[test]
+fn sampled_tail_estimates_are_unbiased_and_seeded() {
+    use distill::teacher::store::select::{select, Selection, CLOSED_TAIL};
+    // one position over 64 tokens: a head of 4 tokens, then a long tail
+    let v = 64usize;
+    let logits: Vec<f32> = (0..v)
+        .map(|i| {
+            if i < 4 {
+                6.0 - i as f32
+            } else {
+                -(i as f32) * 0.05
+            }
+        })
+        .collect();
+    let x = Tensor::from_slice(&logits).view([1, v as i64]);
+    let sel = Selection {
+        coverage: 0.5,
+        max_k: 4,
+        temperature: 1.0,
+        quantisation: Quant::F16,
+        tail_samples: 16,
+    };
+    let p: Vec<f64> = {
+        let m = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let z: f64 = logits.iter().map(|&l| (l as f64 - m).exp()).sum();
+        logits.iter().map(|&l| (l as f64 - m).exp() / z).collect()
+    };
+    let label = 1i64;
+    let seeds = 400u64;
+    let mut mean = vec![0.0f64; v];
+    for seed in 0..seeds {
+        let k = select(&x, &[label], &sel, seed).unwrap().remove(0);
+        assert_eq!(k.log_tail, CLOSED_TAIL, "a sampled tail closes the bucket");
+        let again = select(&x, &[label], &sel, seed).unwrap().remove(0);
+        assert_eq!(k, again, "the same seed draws the same tokens");
+        // the head is exact, the label kept, no drawn token repeats a kept one
+        let mut ids = k.ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), k.ids.len());
+        assert!(k.ids.contains(&(label as u32)));
+        for (&i, &l) in k.ids.iter().zip(&k.logprobs) {
+            mean[i as usize] += (l as f64).exp() / seeds as f64;
+        }
+    }
+    // E[p̂(v)] = p(v): the mean of `seeds` estimates lies within 5 standard deviations, the
+    // deviation of m·c/n with c ~ Binomial(n, p/m) being m·sqrt((p/m)(1 − p/m)/n) per seed
+    let head_mass: f64 = p[..2].iter().sum(); // coverage 0.5 is reached by the top 2
+    let m = 1.0 - head_mass;
+    for i in 0..v {
+        let sd = if i < 2 {
+            0.0
+        } else {
+            let r = p[i] / m;
+            m * (r * (1.0 - r) / 16.0).sqrt() / (seeds as f64).sqrt()
+        };
+        // f16 rounding of each log p adds at most 2⁻¹¹ relative
+        let tol = 5.0 * sd + p[i] * 2f64.powi(-10) + 1e-12;
+        assert!(
+            (mean[i] - p[i]).abs() <= tol,
+            "token {i}: mean estimate {} vs p {} (tol {tol})",
+            mean[i],
+            p[i]
+        );
+    }
+}

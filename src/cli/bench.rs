@@ -99,6 +99,7 @@ pub fn run(cmd: BenchCommand, device: tch::Device) -> Result<()> {
                 Some(dir) => {
                     distill::bench::capture_batch(&t, &dir, batch, seq, map.width())?;
                     drop(t); // no teacher in memory
+                    distill::teacher::store::reader::release_freed_memory();
                     let st = distill::teacher::Store::open(&dir)?;
                     let sig = distill::teacher::StoreSignal::new(&st, &map);
                     distill::bench::step(None, &sig, &s, term, batch, seq, steps, warmup, chunk)?

@@ -144,7 +144,8 @@ impl TeacherSignal for Hybrid<'_> {
         let sub_labels: Vec<Vec<i64>> = missing.iter().map(|&r| labels[r].clone()).collect();
         let live = self.live.prepare(&sub, hidden_layers)?;
         let dense = live.positions(0, live.len())?;
-        let fresh = select_rows(dense.dense()?, &sub_labels, &sel, true)?;
+        let sub_keys: Vec<u64> = missing.iter().map(|&r| batch.keys[r]).collect();
+        let fresh = select_rows(dense.dense()?, &sub_labels, &sub_keys, &sel, true)?;
         self.write_back(batch, &missing, fresh.clone(), &sub_labels)?;
         let mut fresh = fresh.into_iter();
         let rows: Vec<_> = stored

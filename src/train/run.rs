@@ -389,6 +389,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
                 "the store holds every sequence the run reads: the teacher model is not kept"
             );
             teacher = None;
+            crate::teacher::store::reader::release_freed_memory();
         }
     }
     if store.is_some() && vocab.translates_ids() {

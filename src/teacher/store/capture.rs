@@ -199,7 +199,8 @@ pub fn capture(
         let kept = tch::no_grad(|| -> Result<_> {
             let sig = live.prepare(&batch, &[])?;
             let dense = sig.positions(0, sig.len())?;
-            select_rows(dense.dense()?, &labels, &capture.selection, false)
+            let keys: Vec<u64> = rows.iter().map(|&r| owned[r].key()).collect();
+            select_rows(dense.dense()?, &labels, &keys, &capture.selection, false)
         })?;
         for (&r, kept) in rows.iter().zip(kept) {
             let s = &owned[r];

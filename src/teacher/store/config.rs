@@ -17,6 +17,8 @@ pub struct CaptureFile {
     pub quantisation: Option<String>,
     /// sequences per shard
     pub shard_sequences: Option<usize>,
+    /// draws from each position's tail beyond the kept head (0: the tail is one bucket)
+    pub tail_samples: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +31,7 @@ pub struct CaptureConfig {
 pub const COVERAGE: f64 = 0.95;
 pub const MAX_K: usize = 32;
 pub const SHARD_SEQUENCES: usize = 64;
+pub const TAIL_SAMPLES: usize = 0;
 /// Bound on `max_k` (a k is written as u16).
 const MAX_K_LIMIT: usize = 65535;
 
@@ -54,6 +57,9 @@ impl CaptureFile {
             Some(q) => Quant::parse(q).map_err(|m| issue("capture.quantisation", m))?,
             None => Quant::U8,
         };
+        if self.tail_samples.is_some_and(|n| n > 4096) {
+            return Err(issue("capture.tail_samples", "must be at most 4096"));
+        }
         let shard_sequences = self.shard_sequences.unwrap_or(SHARD_SEQUENCES);
         if shard_sequences == 0 {
             return Err(issue("capture.shard_sequences", "must be at least 1"));
@@ -64,6 +70,7 @@ impl CaptureFile {
                 max_k,
                 temperature,
                 quantisation,
+                tail_samples: self.tail_samples.unwrap_or(TAIL_SAMPLES),
             },
             shard_sequences,
         })

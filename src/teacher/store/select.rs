@@ -9,6 +9,16 @@
 //! 1e−60 is not 0, which would take the tail out of both reduced distributions), and
 //! log Z = logsumexp(t/T) over the whole vocabulary.
 //!
+//! Tail sampling (`tail_samples` = n > 0; Anshumann et al. 2025, "Sparse Logit Sampling:
+//! Accelerating Knowledge Distillation in LLMs", who show that a cached top-k biases the student and
+//! that sampled tokens do not): besides the head above, n tokens are drawn with replacement from the
+//! tail distribution p(v)/m over the tokens not in the head (m the tail mass), and each distinct
+//! drawn token v is stored with p̂(v) = m·c_v/n (c_v its draws): E[p̂(v)] = p(v), so the forward-KL
+//! gradient q − p̂ is unbiased for every token, while the top-k-and-bucket form fixes the shape of the
+//! student's tail. The kept tokens then represent all the mass (log-tail `CLOSED_TAIL`). The draws
+//! are seeded by the sequence's key: a sequence is stored alike whatever batch it was captured in.
+//! The label is always kept with its exact p (it is excluded from the draws, like the head).
+//!
 //! Quantisation of log p (the ids are exact):
 //!   u8:  q = round(−log p / STEP), STEP = U8_RANGE / 255, clamped to [0, 255]; log p ≈ −q·STEP.
 //!        Error ≤ STEP/2 = 0.039 nats in log p (a relative error ≤ 4% in p), below e^−20 clamped.
@@ -95,7 +105,15 @@ pub struct Selection {
     pub max_k: usize,
     pub temperature: f64,
     pub quantisation: Quant,
+    /// draws from the tail (0 = none: the tail is one bucket); see `sample_tail`
+    #[serde(default)]
+    pub tail_samples: usize,
 }
+
+/// The log-tail a store records when the kept tokens represent all the mass (a sampled tail): the
+/// smallest normal f32, not −inf, so that the student's own mass off the store stays in its
+/// normalisation (the divergences remove a −inf bucket from both sides) and is pushed towards 0.
+pub const CLOSED_TAIL: f32 = -87.33655; // ln(f32::MIN_POSITIVE)
 
 /// The kept tokens of one position.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +135,7 @@ const EXACT_TAIL_BELOW: f64 = 0.01;
 /// (each a valid id). The vocabulary-sized work is one log-softmax and one top-k; rows with a tail
 /// below `EXACT_TAIL_BELOW` add a log-sum-exp over their tokens not kept. One host read of
 /// (N, max_k).
-pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Kept>> {
+pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection, seed: u64) -> Result<Vec<Kept>> {
     let n = logits.size()[0];
     if n as usize != labels.len() {
         return Err(Error::Shape(format!(
@@ -211,6 +229,9 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
             exact[r] = t;
         }
     }
+    if sel.tail_samples > 0 {
+        return sample_tail(&lp, chosen, &exact, &log_z, sel, seed, v as usize);
+    }
     Ok(chosen
         .into_iter()
         .enumerate()
@@ -232,26 +253,127 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection) -> Result<Vec<Ke
         .collect())
 }
 
-/// The kept sets of every target position of some rows, from their dense logits (R·T, V) and
-/// labels (R rows of T): one `Vec<Kept>` per row, in position order. With `quantised`, the
+/// The head of each row (`chosen`: ids, exact log p, 1 − head mass) plus `tail_samples` draws
+/// from its tail, as described at the top. `exact[r]` is the log tail mass where it was computed
+/// exactly (sharp rows), else it is read from 1 − head mass.
+fn sample_tail(
+    lp: &Tensor,
+    chosen: Vec<(Vec<u32>, Vec<f32>, f64)>,
+    exact: &[f32],
+    log_z: &[f32],
+    sel: &Selection,
+    seed: u64,
+    v: usize,
+) -> Result<Vec<Kept>> {
+    let n = sel.tail_samples as i64;
+    let log_m: Vec<f64> = chosen
+        .iter()
+        .enumerate()
+        .map(|(r, (_, _, tail))| {
+            if *tail >= EXACT_TAIL_BELOW {
+                tail.ln()
+            } else {
+                exact[r] as f64
+            }
+        })
+        .collect();
+    // rows with a tail to draw from
+    let rows: Vec<usize> = (0..chosen.len())
+        .filter(|&r| log_m[r].is_finite() && log_m[r] > -60.0 && chosen[r].0.len() < v)
+        .collect();
+    let mut draws: Vec<Vec<i64>> = vec![vec![]; chosen.len()];
+    if !rows.is_empty() {
+        let width = rows.iter().map(|&r| chosen[r].0.len()).max().unwrap_or(1);
+        let mut at = Vec::with_capacity(rows.len() * width);
+        for &r in &rows {
+            let ids = &chosen[r].0;
+            at.extend((0..width).map(|j| *ids.get(j).unwrap_or(&ids[0]) as i64));
+        }
+        let idx = Tensor::f_from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())?
+            .f_to_device(lp.device())?;
+        let at = Tensor::f_from_slice(&at)?
+            .f_view([rows.len() as i64, width as i64])?
+            .f_to_device(lp.device())?;
+        // p over the tokens off the head (unnormalised: multinomial normalises each row)
+        let tail_p = lp
+            .f_index_select(0, &idx)?
+            .f_scatter_value(-1, &at, f64::NEG_INFINITY)?
+            .f_exp()?;
+        // the same draws for the same sequence, whatever else is in the batch
+        tch::manual_seed((seed & 0x7fff_ffff_ffff_ffff) as i64);
+        let got = tail_p.f_multinomial(n, true)?; // (rows, n)
+        let got = Vec::<i64>::try_from(got.f_flatten(0, -1)?.f_to_device(tch::Device::Cpu)?)?;
+        for (j, &r) in rows.iter().enumerate() {
+            draws[r] = got[j * n as usize..(j + 1) * n as usize].to_vec();
+        }
+    }
+    Ok(chosen
+        .into_iter()
+        .enumerate()
+        .map(|(r, (mut ids, mut logprobs, _))| {
+            if draws[r].is_empty() {
+                // nothing to draw from: the bucket as without sampling
+                let log_tail = if log_m[r].is_finite() {
+                    log_m[r] as f32
+                } else {
+                    f32::NEG_INFINITY
+                };
+                return Kept {
+                    ids,
+                    logprobs,
+                    log_tail,
+                    log_z: log_z[r],
+                };
+            }
+            let mut counts: std::collections::BTreeMap<i64, usize> = Default::default();
+            for &d in &draws[r] {
+                *counts.entry(d).or_default() += 1;
+            }
+            for (id, c) in counts {
+                let est = (log_m[r] + (c as f64 / n as f64).ln()) as f32;
+                match ids.iter().position(|&x| x as i64 == id) {
+                    // the label, appended exactly after the head: its estimate replaces it
+                    Some(j) => logprobs[j] = est,
+                    None => {
+                        ids.push(id as u32);
+                        logprobs.push(est);
+                    }
+                }
+            }
+            Kept {
+                ids,
+                logprobs,
+                log_tail: CLOSED_TAIL,
+                log_z: log_z[r],
+            }
+        })
+        .collect())
+}
+
+/// The kept sets of every target position of some rows, from their dense logits (R·T, V), labels
+/// (R rows of T) and keys (`Sequence::key`, the seed of a row's tail draws): one `Vec<Kept>` per row, in position order. With `quantised`, the
 /// log-probabilities are rounded as the store writes them (so a row reads the same whether it comes
 /// from the store or was just selected).
 pub fn select_rows(
     logits: &Tensor,
     labels: &[Vec<i64>],
+    keys: &[u64],
     sel: &Selection,
     quantised: bool,
 ) -> Result<Vec<Vec<Kept>>> {
-    // every position at once (packed text has a target at nearly every position: a copy of the
-    // targets' rows would cost more than the few extra rows), a stand-in label where none counts
-    let flat: Vec<i64> = labels
-        .iter()
-        .flat_map(|l| {
-            l.iter()
-                .map(|&x| if x == crate::data::IGNORE_INDEX { 0 } else { x })
-        })
-        .collect();
-    let all = select(logits, &flat, sel)?;
+    // every position of a row at once (packed text has a target at nearly every position: a copy
+    // of the targets' rows would cost more than the few extra rows), a stand-in label where none
+    // counts; a row's tail draws are seeded by its key
+    let t = labels.first().map_or(0, |l| l.len()) as i64;
+    let mut all = Vec::with_capacity(labels.len() * t as usize);
+    for (r, l) in labels.iter().enumerate() {
+        let stand_in: Vec<i64> = l
+            .iter()
+            .map(|&x| if x == crate::data::IGNORE_INDEX { 0 } else { x })
+            .collect();
+        let rows = logits.f_narrow(0, r as i64 * t, t)?;
+        all.extend(select(&rows, &stand_in, sel, keys[r])?);
+    }
     let mut kept = all
         .into_iter()
         .zip(labels.iter().flatten())

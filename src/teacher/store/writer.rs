@@ -193,9 +193,10 @@ impl StoreWriter {
 
 pub fn describe(s: &Selection) -> String {
     format!(
-        "coverage {}, max_k {}, temperature {}, quantisation {}",
+        "coverage {}, max_k {}, tail_samples {}, temperature {}, quantisation {}",
         s.coverage,
         s.max_k,
+        s.tail_samples,
         s.temperature,
         s.quantisation.name()
     )
