@@ -23,12 +23,13 @@ BW="$DISTILL_CACHE/bench"
 [ -e "$BW/student/config.json" ] || run "$B" convert "$DISTILL_DEMO_TEACHER" "$BW/student" --layers 0,3,6,9,12,15,18,21,24,29 >&2
 
 # 1. settings (validation positions only: --steps 0)
-for s in "0.9 16 u8" "0.95 32 u8" "0.99 64 u8" "0.95 32 f16"; do
+for s in "0.9 16 u8 0" "0.95 32 u8 0" "0.99 64 u8 0" "0.95 32 f16 0" "0.95 16 u8 24"; do
   set -- $s
-  d="$W/settings-$1-$2-$3"
+  d="$W/settings-$1-$2-$3-$4"
   rm -rf "$d"
   run "$B" --threads "$T" capture examples/demo_store.toml --steps 0 --out "$d" \
-    --set capture.coverage=$1 --set capture.max_k=$2 --set "capture.quantisation=\"$3\"" >&2
+    --set capture.coverage=$1 --set capture.max_k=$2 --set "capture.quantisation=\"$3\"" \
+    --set capture.tail_samples=$4 >&2
   "$B" store inspect "$d" --json > "$d.inspect.json"
   run "$B" --threads "$T" store verify "$d" --positions 2048 --json > "$d.verify.json"
 done
@@ -39,12 +40,16 @@ run "$B" --threads "$T" capture examples/demo_store.toml --steps 5 --out "$W/thr
 
 # 3. quality: live vs store, 150 steps, same seed
 run "$B" --threads "$T" train examples/demo.toml --overwrite --set "run.output=\"$W/live\"" >&2
-rm -rf "$W/store"
-run "$B" --threads "$T" capture examples/demo_store.toml --steps 150 --out "$W/store" | tee "$W/capture.txt"
-run "$B" --threads "$T" train examples/demo_store.toml --overwrite --set "teacher.store=\"$W/store\"" --set "run.output=\"$W/from-store\"" >&2
 run "$B" --threads "$T" eval "$W/live/student" --run examples/demo.toml > "$W/live.eval.json"
-run "$B" --threads "$T" eval "$W/from-store/student" --run examples/demo.toml > "$W/from-store.eval.json"
-"$B" store inspect "$W/store" --json > "$W/store.inspect.json"
+# the top-k store (tail = one bucket) and the sampled-tail store (the defaults)
+for kind in topk sampled; do
+  if [ $kind = topk ]; then sets="--set capture.max_k=32 --set capture.tail_samples=0"; else sets=""; fi
+  rm -rf "$W/store-$kind"
+  run "$B" --threads "$T" capture examples/demo_store.toml --steps 150 --out "$W/store-$kind" $sets | tee "$W/capture-$kind.txt"
+  run "$B" --threads "$T" train examples/demo_store.toml --overwrite --set "teacher.store=\"$W/store-$kind\"" --set "run.output=\"$W/from-store-$kind\"" >&2
+  run "$B" --threads "$T" eval "$W/from-store-$kind/student" --run examples/demo.toml > "$W/from-store-$kind.eval.json"
+  "$B" store inspect "$W/store-$kind" --json > "$W/store-$kind.inspect.json"
+done
 
 # 4. the step: PyTorch online, ours online, ours from a store (batch 4 × 512, chunk 512)
 run python bench/reference_step.py --teacher "$BW/teacher" --student "$BW/student" --batch 4 --seq 512 --steps 3 --threads "$T" > "$W/step-pytorch.json"
@@ -57,22 +62,22 @@ import json, sys, os, glob
 w = sys.argv[1]
 j = lambda f: json.load(open(os.path.join(w, f)))
 print("\nSelection settings (demo teacher, the demo's 2,032 validation positions, T = 1)\n")
-print("| coverage | max_k | log p | bytes/token | mean k | p90 k | captured mass | KL(full ‖ reconstructed) | KL(reduced) | top-1 |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for s in ["0.9-16-u8", "0.95-32-u8", "0.99-64-u8", "0.95-32-f16"]:
+print("| coverage | max_k | tail draws | log p | bytes/token | mean k | p90 k | captured mass | KL(full ‖ reconstructed) | KL(reduced) | top-1 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for s in ["0.9-16-u8-0", "0.95-32-u8-0", "0.99-64-u8-0", "0.95-32-f16-0", "0.95-16-u8-24"]:
     i, v = j(f"settings-{s}.inspect.json"), j(f"settings-{s}.verify.json")
-    c, k, q = s.split("-")
-    print(f"| {c} | {k} | {q} | {i['bytes_per_token']:.1f} | {i['mean_k']:.1f} | {i['p90_k']} | {v['captured_mass']:.3f} | {v['kl_reconstructed']:.3f} | {v['kl_reduced']:.5f} | {v['top1']:.3f} |")
+    c, k, q, n = s.split("-")
+    print(f"| {c} | {k} | {n} | {q} | {i['bytes_per_token']:.1f} | {i['mean_k']:.1f} | {i['p90_k']} | {v['captured_mass']:.3f} | {v['kl_reconstructed']:.3f} | {v['kl_reduced']:.5f} | {v['top1']:.3f} |")
 print("\nCapture throughput: " + open(os.path.join(w, "throughput.txt")).read().strip().replace("\n", "; "))
-live, st = j("live.eval.json"), j("from-store.eval.json")
-ins = j("store.inspect.json")
-print(f"\nQuality: the demo, 150 steps, seed 0; both students judged by the live teacher on the 16 validation sequences (store: {ins['bytes_per_token']:.1f} bytes/token, {ins['positions']} positions)\n")
-print("| teacher signal | student ppl | KL(teacher ‖ student) | top-1 |")
-print("|---|---|---|---|")
-for n, r in (("live teacher", live), ("store", st)):
-    print(f"| {n} | {r['student_ppl']:.2f} | {r['kl']:.4f} | {r['top1']:.4f} |")
-print(f"| store vs live | {100*(st['student_ppl']/live['student_ppl']-1):+.1f}% | {100*(st['kl']/live['kl']-1):+.1f}% | {100*(st['top1']/live['top1']-1):+.1f}% |")
-for f in ("live", "from-store"):
+live = j("live.eval.json")
+print(f"\nQuality: the demo, 150 steps, seed 0; every student judged by the live teacher on the 16 validation sequences\n")
+print("| teacher signal | bytes/token | student ppl | KL(teacher ‖ student) | top-1 | ppl vs live | KL vs live |")
+print("|---|---|---|---|---|---|---|")
+print(f"| live teacher | — | {live['student_ppl']:.2f} | {live['kl']:.4f} | {live['top1']:.4f} | | |")
+for kind, name in (("topk", "store: top 32 + tail bucket"), ("sampled", "store: head 16 + 24 tail draws")):
+    st, ins = j(f"from-store-{kind}.eval.json"), j(f"store-{kind}.inspect.json")
+    print(f"| {name} | {ins['bytes_per_token']:.1f} | {st['student_ppl']:.2f} | {st['kl']:.4f} | {st['top1']:.4f} | {100*(st['student_ppl']/live['student_ppl']-1):+.1f}% | {100*(st['kl']/live['kl']-1):+.1f}% |")
+for f in ("live", "from-store-topk", "from-store-sampled"):
     recs = [json.loads(l) for l in open(os.path.join(w, f, "metrics.jsonl"))]
     s = [r for r in recs if r["kind"] == "summary"][0]
     print(f"{f}: run wall time {s['seconds']:.0f} s")

@@ -109,6 +109,13 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
     let mut s = set_up(cfg, opts)?;
     let mut out = RunOutput::open(&cfg.run.output, s.start, Faults::from_env())?;
+    // the vocabulary check's line, once the run holds its folder (a refused run prints one line)
+    let summary = s.vocab_report.summary();
+    if opts.progress {
+        eprintln!("{summary}");
+    } else {
+        tracing::info!("{summary}");
+    }
     out.write_run_info(&run_info(cfg, opts, &s))?;
     let before = match s.start {
         Start::Resume(_) => None,
@@ -529,12 +536,6 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             &vocab,
             &Batch::new(&ds.validation, &first, device)?,
         )?;
-    }
-    let summary = vocab_report.summary();
-    if opts.progress {
-        eprintln!("{summary}");
-    } else {
-        tracing::info!("{summary}");
     }
     let teacher_checksum = match &teacher {
         Some(t) => weight_checksums(&t.vs)?,
