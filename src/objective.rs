@@ -94,6 +94,14 @@ pub struct HiddenWiring {
     pub projection: Option<Tensor>,
 }
 
+/// A wired hidden-state term as `run.json` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenMap {
+    pub term: String,
+    pub pairs: Vec<(usize, usize)>,
+    pub projected: bool,
+}
+
 pub struct Objective {
     terms: Vec<(Box<dyn Loss>, f64)>,
     names: Vec<String>,
@@ -164,14 +172,17 @@ impl Objective {
         }
     }
 
-    /// Each wired hidden-state term: (name, its layer pairs, whether it has a projection).
-    pub fn hidden_maps(&self) -> Vec<(String, Vec<(usize, usize)>, bool)> {
+    /// Each wired hidden-state term: its name, its layer pairs, whether it has a projection.
+    pub fn hidden_maps(&self) -> Vec<HiddenMap> {
         self.wiring
             .iter()
             .zip(&self.names)
             .filter_map(|(w, n)| {
-                w.as_ref()
-                    .map(|w| (n.clone(), w.pairs.clone(), w.projection.is_some()))
+                w.as_ref().map(|w| HiddenMap {
+                    term: n.clone(),
+                    pairs: w.pairs.clone(),
+                    projected: w.projection.is_some(),
+                })
             })
             .collect()
     }

@@ -832,10 +832,10 @@ fn a_run_between_widths_learns_and_writes_the_projection_beside_the_student() {
     assert!(!at("step-00000025").equal(&p));
     let opt = std::fs::read(s.path("out/checkpoints/step-00000030/optimizer.safetensors")).unwrap();
     let opt = safetensors::SafeTensors::deserialize(&opt).unwrap();
-    assert!(opt
-        .names()
-        .iter()
-        .any(|n| *n == "m.loss.1.projection.weight"));
+    assert!(
+        opt.names().contains(&"m.loss.1.projection.weight"),
+        "the projection's moments are in the optimizer state"
+    );
 }
 
 #[test]

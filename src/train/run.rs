@@ -611,8 +611,8 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
                  "train_sequences": s.ds.train.len(), "train_tokens": s.ds.train_tokens,
                  "validation_sequences": s.ds.validation.len()},
         "objective": cfg.losses.iter().map(|l| format!("{} × {}", l.weight, l.describe())).collect::<Vec<_>>(),
-        "hidden_layers": s.objective.hidden_maps().into_iter().map(|(name, pairs, projected)| json!({
-            "term": name, "pairs": pairs, "projection": projected})).collect::<Vec<_>>(),
+        "hidden_layers": s.objective.hidden_maps().into_iter().map(|m| json!({
+            "term": m.term, "pairs": m.pairs, "projection": m.projected})).collect::<Vec<_>>(),
         "optim": {"lr": cfg.optim.lr, "schedule": format!("{:?}", cfg.optim.schedule).to_lowercase(),
                   "warmup_steps": cfg.optim.warmup_steps, "micro_batch": cfg.optim.micro_batch,
                   "grad_accum": cfg.optim.grad_accum},
