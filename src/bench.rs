@@ -123,6 +123,12 @@ pub fn step(
     warmup: usize,
     chunk: Option<usize>,
 ) -> Result<StepReport> {
+    if loss.spec.reads != crate::losses::Reads::Logits {
+        return Err(Error::Invalid(format!(
+            "bench step: '{}' compares hidden states; the bench times losses over the logits",
+            loss.spec.name
+        )));
+    }
     let vocab = signal.vocab_size().min(student.model.config.vocab_size);
     let b = bench_batch(batch, seq, vocab)?;
     let ids = b.ids.shallow_clone();
@@ -243,7 +249,7 @@ const BENCH_PARAMS: &[(&LossSpec, &[(&str, f64)])] =
 
 /// Forward + backward of each loss of the registry over random logits of `shape` (…, V): median ms
 /// and the memory high-water mark above what was resident before. Sinkhorn is left out: it compares
-/// every pair of rows (O(N²·V)), not positions.
+/// every pair of rows (O(N²·V)), not positions; so are kinds that compare hidden states, not logits.
 pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
     use crate::losses::registry::{self, BuildContext, LossInput};
     tch::manual_seed(0);
@@ -256,6 +262,7 @@ pub fn losses(shape: &[i64], reps: usize) -> Result<Vec<LossReport>> {
     for spec in registry::REGISTRY
         .iter()
         .filter(|s| **s != &crate::losses::sinkhorn::SINKHORN)
+        .filter(|s| s.reads == crate::losses::Reads::Logits)
     {
         let given = BENCH_PARAMS
             .iter()

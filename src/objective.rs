@@ -9,18 +9,26 @@
 //! From a teacher store (a sparse signal) the terms compare reduced distributions (the stored tokens
 //! and one tail bucket, losses/reduced.rs), built once per call at the store's temperature, which
 //! every term that reads the teacher must share (`check_sparse`).
+//! Terms that read hidden states (`Reads::Hidden`, losses/hidden.rs) are not per position over the
+//! vocabulary: `compute` leaves them at 0 and `compute_hidden` evaluates them, once per micro-batch,
+//! on the states of the layers `hidden_layers` names, with the wiring set-up gave each
+//! (`wire_hidden`: its layer pairs and projection). The two values add up to the objective.
+use crate::losses::hidden::HiddenInput;
 use crate::losses::reduced::{same_temperature, Reduced};
-use crate::losses::registry::{self, BuildContext, Loss, LossInput, LossSpec, Params};
+use crate::losses::registry::{self, BuildContext, Loss, LossInput, LossSpec, Params, Reads};
 use crate::teacher::TeacherDist;
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
 
-/// One `[[loss]]` of the run file: a kind from the registry, its parameters, its weight.
+/// One `[[loss]]` of the run file: a kind from the registry, its parameters, its weight; for a kind
+/// that reads hidden states, the (student layer, teacher layer) pairs it was given (None = the
+/// default map, settled at set-up: train/hidden.rs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossTerm {
     pub spec: &'static LossSpec,
     pub params: Params,
     pub weight: f64,
+    pub layers: Option<Vec<(usize, usize)>>,
 }
 
 impl LossTerm {
@@ -46,23 +54,59 @@ impl LossTerm {
             spec,
             params,
             weight,
+            layers: None,
         })
     }
 
-    /// "forward_kl(temperature=1)" for reports.
+    /// The same term with an explicit layer map (a kind that reads hidden states; at least one pair).
+    pub fn with_layers(self, layers: Vec<(usize, usize)>) -> std::result::Result<Self, String> {
+        if self.spec.reads != Reads::Hidden {
+            return Err(format!(
+                "'layers' does not apply to '{}' (it compares output distributions)",
+                self.spec.name
+            ));
+        }
+        if layers.is_empty() {
+            return Err("layers must list at least one [student, teacher] pair".into());
+        }
+        Ok(LossTerm {
+            layers: Some(layers),
+            ..self
+        })
+    }
+
+    /// "forward_kl(temperature=1)", "hidden(metric=cosine, layers=[[0, 2]])" for reports.
     pub fn describe(&self) -> String {
-        let ps: Vec<String> = self
-            .params
-            .iter()
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect();
+        let mut ps = self.params.describe(self.spec);
+        if let Some(l) = &self.layers {
+            let pairs: Vec<String> = l.iter().map(|(s, t)| format!("[{s}, {t}]")).collect();
+            ps.push(format!("layers=[{}]", pairs.join(", ")));
+        }
         format!("{}({})", self.spec.name, ps.join(", "))
     }
+}
+
+/// A hidden-state term's wiring, settled at set-up: the (student layer, teacher layer) pairs it
+/// compares and its projection (d_t, d_s), None when the widths agree.
+#[derive(Debug)]
+pub struct HiddenWiring {
+    pub pairs: Vec<(usize, usize)>,
+    pub projection: Option<Tensor>,
+}
+
+/// A wired hidden-state term as `run.json` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenMap {
+    pub term: String,
+    pub pairs: Vec<(usize, usize)>,
+    pub projected: bool,
 }
 
 pub struct Objective {
     terms: Vec<(Box<dyn Loss>, f64)>,
     names: Vec<String>,
+    /// per term: its wiring when it reads hidden states (set by `wire_hidden`)
+    wiring: Vec<Option<HiddenWiring>>,
 }
 
 /// The total (with its graph) and each term's value (unweighted, detached).
@@ -89,7 +133,125 @@ impl Objective {
             });
             out.push(((t.spec.build)(&t.params, &ctx)?, t.weight));
         }
-        Ok(Objective { terms: out, names })
+        let wiring = out.iter().map(|_| None).collect();
+        Ok(Objective {
+            terms: out,
+            names,
+            wiring,
+        })
+    }
+
+    fn reads_hidden(loss: &dyn Loss) -> bool {
+        loss.spec().reads == Reads::Hidden
+    }
+
+    /// Whether any term compares output distributions (the vocabulary-sized work is needed).
+    pub fn reads_logits(&self) -> bool {
+        self.terms
+            .iter()
+            .any(|(l, _)| !Self::reads_hidden(l.as_ref()))
+    }
+
+    /// The terms that read hidden states, by index (in run-file order).
+    pub fn hidden_terms(&self) -> Vec<usize> {
+        (0..self.terms.len())
+            .filter(|&i| Self::reads_hidden(self.terms[i].0.as_ref()))
+            .collect()
+    }
+
+    /// Give hidden-state term `term` its layer pairs and projection.
+    pub fn wire_hidden(&mut self, term: usize, wiring: HiddenWiring) -> Result<()> {
+        match self.terms.get(term) {
+            Some((l, _)) if Self::reads_hidden(l.as_ref()) => {
+                self.wiring[term] = Some(wiring);
+                Ok(())
+            }
+            _ => Err(Error::Invalid(format!(
+                "loss term {term} does not read hidden states"
+            ))),
+        }
+    }
+
+    /// Each wired hidden-state term: its name, its layer pairs, whether it has a projection.
+    pub fn hidden_maps(&self) -> Vec<HiddenMap> {
+        self.wiring
+            .iter()
+            .zip(&self.names)
+            .filter_map(|(w, n)| {
+                w.as_ref().map(|w| HiddenMap {
+                    term: n.clone(),
+                    pairs: w.pairs.clone(),
+                    projected: w.projection.is_some(),
+                })
+            })
+            .collect()
+    }
+
+    /// The student layers and the teacher layers whose states the hidden terms compare (each
+    /// sorted, without repeats): what `compute_hidden` takes, in this order. Empty when there is
+    /// no hidden term.
+    pub fn hidden_layers(&self) -> (Vec<usize>, Vec<usize>) {
+        let (mut s, mut t): (Vec<usize>, Vec<usize>) = self
+            .wiring
+            .iter()
+            .flatten()
+            .flat_map(|w| w.pairs.iter().copied())
+            .unzip();
+        for v in [&mut s, &mut t] {
+            v.sort_unstable();
+            v.dedup();
+        }
+        (s, t)
+    }
+
+    /// The hidden-state terms over one micro-batch. `student[i]` is the state after student layer
+    /// `hidden_layers().0[i]`, (…, d_s) with its graph; `teacher[j]` after teacher layer
+    /// `hidden_layers().1[j]`, (…, d_t); `weights` the leading shape (…). The parts of the other
+    /// terms are 0.
+    pub fn compute_hidden(
+        &self,
+        student: &[Tensor],
+        teacher: &[Tensor],
+        weights: &Tensor,
+    ) -> Result<ObjectiveValue> {
+        let (s_layers, t_layers) = self.hidden_layers();
+        if student.len() != s_layers.len() || teacher.len() != t_layers.len() {
+            return Err(Error::Invalid(format!(
+                "hidden terms: {} student and {} teacher states given, the layer maps name {} and {}",
+                student.len(),
+                teacher.len(),
+                s_layers.len(),
+                t_layers.len()
+            )));
+        }
+        let at = |layers: &[usize], l: usize| layers.binary_search(&l).expect("listed");
+        let mut total = Tensor::f_zeros([], (Kind::Float, weights.device()))?;
+        let mut parts = Vec::with_capacity(self.terms.len());
+        for (i, ((loss, weight), name)) in self.terms.iter().zip(&self.names).enumerate() {
+            if !Self::reads_hidden(loss.as_ref()) {
+                parts.push(Tensor::f_zeros([], (Kind::Float, weights.device()))?);
+                continue;
+            }
+            let w = self.wiring[i].as_ref().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "loss term '{name}': its layer map was not settled (the training set-up wires \
+                     hidden-state terms)"
+                ))
+            })?;
+            let input = HiddenInput {
+                pairs: w
+                    .pairs
+                    .iter()
+                    .map(|&(s, t)| (&student[at(&s_layers, s)], &teacher[at(&t_layers, t)]))
+                    .collect(),
+                projection: w.projection.as_ref(),
+                weights,
+            };
+            let value = loss.compute_hidden(&input)?.f_to_kind(Kind::Float)?;
+            total = total.f_add(&value.f_mul_scalar(*weight)?)?;
+            parts.push(value.f_detach()?);
+        }
+        Ok(ObjectiveValue { total, parts })
     }
 
     /// Term names for logs: each kind's registry name, with a "#2" suffix for repeats.
@@ -102,11 +264,14 @@ impl Objective {
         self.terms.iter().any(|(l, _)| l.needs_teacher())
     }
 
-    /// Whether every term is a weighted mean of per-position values, so that the objective can be
-    /// computed over chunks of positions (token-selective KD's entropy quantile and Sinkhorn's
-    /// transport plan span a micro-batch).
+    /// Whether every term over the output distributions is a weighted mean of per-position values,
+    /// so that `compute` can run over chunks of positions (token-selective KD's entropy quantile and
+    /// Sinkhorn's transport plan span a micro-batch; hidden-state terms are not part of `compute`).
     pub fn chunkable(&self) -> bool {
-        self.terms.iter().all(|(l, _)| l.per_position())
+        self.terms
+            .iter()
+            .filter(|(l, _)| !Self::reads_hidden(l.as_ref()))
+            .all(|(l, _)| l.per_position())
     }
 
     /// Whether every term that reads the teacher is defined on a store's reduced distributions and
@@ -175,6 +340,11 @@ impl Objective {
         let mut total = Tensor::f_zeros([], (Kind::Float, student.device()))?;
         let mut parts = Vec::with_capacity(self.terms.len());
         for (loss, weight) in &self.terms {
+            if Self::reads_hidden(loss.as_ref()) {
+                // evaluated once per micro-batch by `compute_hidden`
+                parts.push(Tensor::f_zeros([], (Kind::Float, student.device()))?);
+                continue;
+            }
             let input = if loss.needs_teacher() {
                 let s = s_shared.as_ref().ok_or_else(|| {
                     Error::Invalid(format!("{}: needs the teacher's logits", loss.spec().name))
@@ -251,7 +421,8 @@ impl Objective {
 }
 
 /// The run file's `[[loss]]` tables: `kind`, `weight` (1 by default, > 0) and the kind's own
-/// parameters, each checked against the registry. At least one term.
+/// parameters, each checked against the registry (a `Choice` parameter written as its name), and
+/// for a kind that reads hidden states `layers = [[student, teacher], ...]`. At least one term.
 pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm>> {
     use crate::config::issue;
     if tables.is_empty() {
@@ -305,12 +476,21 @@ pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm
             None => 1.0,
         };
         let mut given = Vec::new();
+        let mut layers = None;
         for (k, v) in t.iter().filter(|(k, _)| *k != "kind" && *k != "weight") {
+            if k == "layers" && spec.reads == Reads::Hidden {
+                layers = Some(layer_pairs(&at(k), v)?);
+                continue;
+            }
             if !spec.params.iter().any(|p| p.name == k) {
-                let known = registry::REGISTRY
-                    .iter()
-                    .any(|s| s.params.iter().any(|p| p.name == k));
-                let takes: Vec<&str> = spec.params.iter().map(|p| p.name).collect();
+                let known = registry::REGISTRY.iter().any(|s| {
+                    s.params.iter().any(|p| p.name == k)
+                        || (k == "layers" && s.reads == Reads::Hidden)
+                });
+                let mut takes: Vec<&str> = spec.params.iter().map(|p| p.name).collect();
+                if spec.reads == Reads::Hidden {
+                    takes.push("layers");
+                }
                 let takes = if takes.is_empty() {
                     "nothing".to_string()
                 } else {
@@ -325,7 +505,34 @@ pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm
                     },
                 ));
             }
-            given.push((k.as_str(), number(&at(k), v)?));
+            let range = spec
+                .params
+                .iter()
+                .find(|p| p.name == k)
+                .expect("checked above")
+                .range;
+            let value = match (range, v) {
+                (registry::Range::Choice(names), toml::Value::String(name)) => {
+                    range.index_of(name).ok_or_else(|| {
+                        issue(
+                            at(k),
+                            format!("'{name}' is not one of {}", names.join(", ")),
+                        )
+                    })?
+                }
+                (registry::Range::Choice(names), other) => {
+                    return Err(issue(
+                        at(k),
+                        format!(
+                            "invalid type: {}, expected a string, one of {}",
+                            other.type_str(),
+                            names.join(", ")
+                        ),
+                    ))
+                }
+                _ => number(&at(k), v)?,
+            };
+            given.push((k.as_str(), value));
         }
         let term = LossTerm::new(kind, &given, weight).map_err(|m| {
             // name the parameter the message is about when there is one
@@ -337,7 +544,41 @@ pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm
                 .map_or_else(|| at("kind"), at);
             issue(key, m)
         })?;
+        let term = match layers {
+            Some(l) => term.with_layers(l).map_err(|m| issue(at("layers"), m))?,
+            None => term,
+        };
         terms.push(term);
     }
     Ok(terms)
+}
+
+/// `layers = [[s, t], ...]`: pairs of layer indices (student, teacher), at least one.
+fn layer_pairs(key: &str, v: &toml::Value) -> crate::config::Checked<Vec<(usize, usize)>> {
+    use crate::config::issue;
+    let bad = || {
+        issue(
+            key,
+            "expected a list of [student layer, teacher layer] pairs of integers ≥ 0, e.g. \
+             [[0, 1], [1, 3]]",
+        )
+    };
+    let toml::Value::Array(items) = v else {
+        return Err(bad());
+    };
+    let index = |x: &toml::Value| match x {
+        toml::Value::Integer(i) if *i >= 0 && *i <= u32::MAX as i64 => Ok(*i as usize),
+        _ => Err(bad()),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            toml::Value::Array(p) if p.len() == 2 => out.push((index(&p[0])?, index(&p[1])?)),
+            _ => return Err(bad()),
+        }
+    }
+    if out.is_empty() {
+        return Err(issue(key, "must list at least one [student, teacher] pair"));
+    }
+    Ok(out)
 }

@@ -983,10 +983,23 @@ fn check_sparse_refuses_sinkhorn_and_other_temperatures() {
         .check_sparse(3.0)
         .is_ok());
     // every other kind accepts a store at its temperature
-    for spec in registry::REGISTRY.iter().filter(|s| s.name != "sinkhorn") {
+    for spec in registry::REGISTRY
+        .iter()
+        .filter(|s| s.name != "sinkhorn" && s.reads == registry::Reads::Logits)
+    {
         let obj = objective(&[(spec.name, &[])]);
         assert!(obj.check_sparse(1.0).is_ok(), "{}", spec.name);
     }
+    // a term that compares hidden states is refused on any store, saying why
+    let e = objective(&[("hidden", &[])])
+        .check_sparse(1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("loss term 'hidden' is not defined on a teacher store")
+            && e.contains("hidden states"),
+        "{e}"
+    );
     // a loss handed a pair reduced at another temperature refuses it (its division by its own T
     // would sharpen p̃, not give the distribution at that temperature)
     let p = problem(700);

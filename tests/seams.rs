@@ -123,6 +123,10 @@ kind = "sinkhorn"
 temperature = 1.5
 epsilon = 0.3
 iters = 4
+[[loss]]
+kind = "hidden"
+metric = "cosine"
+layers = [[0, 1], [1, 0]]
 "#;
 
 #[test]
@@ -206,6 +210,8 @@ fn the_objective_dispatch_equals_each_loss_called_directly() {
             4,
         )
         .unwrap(),
+        // a hidden-state term is evaluated by compute_hidden, once per micro-batch: 0 here
+        Tensor::from(0.0f64),
     ];
     assert_eq!(got.parts.len(), direct.len());
     let mut total = 0.0;
@@ -242,7 +248,7 @@ fn weights_of_zero_and_one_equal_a_boolean_mask_and_fractional_weights_match_a_w
     let wf = Tensor::from_slice(&frac);
     for spec in registry::REGISTRY
         .iter()
-        .filter(|s| !["token_selective", "sinkhorn"].contains(&s.name))
+        .filter(|s| !["token_selective", "sinkhorn", "hidden"].contains(&s.name))
     {
         let loss = registry::build(spec.name, &[], &BuildContext { total_steps: 5 }).unwrap();
         let value = |w: &Tensor, s: &Tensor, t: &Tensor, l: &Tensor| {

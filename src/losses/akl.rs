@@ -12,7 +12,7 @@
 //! they do not reach μ); the tail bucket is always in the tail (each of its tokens ranks below every
 //! stored one of the teacher's top set); then the same formula. This is the dense head whenever the
 //! stored top set reaches μ; g_tail, KL and reverse KL are their reduced forms.
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads, TEMPERATURE};
 use super::{checked_distributions, kl_per_pos, masked_mean, Dist, Reduced};
 use crate::{Error, Result};
 use tch::Tensor;
@@ -99,6 +99,7 @@ pub const ADAPTIVE_KL: LossSpec = LossSpec {
             doc: "the teacher's cumulative mass that makes the head",
         },
     ],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(AdaptiveKl {
             mu: p.get("mu"),

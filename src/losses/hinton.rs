@@ -6,7 +6,7 @@
 //! position (already shifted by the caller). T² keeps the soft term's gradient scale independent of T.
 //! On a stored (sparse) teacher: α·T²·KL(p̃‖q̃) on the K + 1 reduced outcomes (at the store's T) plus
 //! the same (1−α)·CE on the student's full logits (it needs no teacher).
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads, TEMPERATURE};
 use super::{
     check_pair, check_temperature, check_unit, kl::forward_kl_per_pos, lead_shape, masked_mean,
     weights_of,
@@ -119,6 +119,7 @@ pub const CROSS_ENTROPY: LossSpec = LossSpec {
     name: "cross_entropy",
     summary: "−log q_1(label), the hard-label loss (no teacher)",
     params: &[],
+    reads: Reads::Logits,
     build: |_, _| Ok(Box::new(CrossEntropy)),
 };
 
@@ -134,6 +135,7 @@ pub const HINTON: LossSpec = LossSpec {
             doc: "the soft term's share",
         },
     ],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(Hinton {
             alpha: p.get("alpha"),

@@ -5,7 +5,7 @@
 //! both terms, M included. Differs from TRL's early `generalized_jsd_loss`, which put β on the wrong
 //! distributions of the mixture.
 //! On a stored (sparse) teacher: the same formula on the K + 1 reduced outcomes, M̃ = β·p̃ + (1−β)·q̃.
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads, TEMPERATURE};
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture, Dist};
 use crate::Result;
 use tch::Tensor;
@@ -48,6 +48,7 @@ pub const JSD: LossSpec = LossSpec {
     name: "jsd",
     summary: "β·KL(p‖M) + (1−β)·KL(q‖M), M = β·p + (1−β)·q",
     params: &[TEMPERATURE, BETA],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(Jsd {
             beta: p.get("beta"),

@@ -6,7 +6,7 @@
 //! (same gradient, value higher by H(p), not 0 at p = q).
 //! Note for readers of PyTorch code: `F.kl_div(input, target)` is KL(target‖input).
 //! On a stored (sparse) teacher: the same formulas on the K + 1 reduced outcomes, KL(p̃‖q̃), KL(q̃‖p̃).
-use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, Reads, TEMPERATURE};
 use super::{checked_distributions, kl_per_pos, masked_mean};
 use crate::Result;
 use tch::Tensor;
@@ -57,6 +57,7 @@ pub const FORWARD_KL: LossSpec = LossSpec {
     name: "forward_kl",
     summary: "KL(p‖q) = Σ p·(log p − log q), p = softmax(t/T), q = softmax(s/T)",
     params: &[TEMPERATURE],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(ForwardKl {
             temperature: p.get("temperature"),
@@ -68,6 +69,7 @@ pub const REVERSE_KL: LossSpec = LossSpec {
     name: "reverse_kl",
     summary: "KL(q‖p) = Σ q·(log q − log p)",
     params: &[TEMPERATURE],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(ReverseKl {
             temperature: p.get("temperature"),

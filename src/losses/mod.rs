@@ -16,6 +16,7 @@
 //! tokens plus one tail bucket on both sides (`reduced.rs`); each loss's first comment says what it
 //! is there, or why it refuses.
 pub mod akl;
+pub mod hidden;
 pub mod hinton;
 pub mod jsd;
 pub mod kl;
@@ -29,12 +30,13 @@ pub mod token_selective;
 pub mod tvd;
 
 pub use akl::adaptive_kl;
+pub use hidden::hidden;
 pub use hinton::hinton;
 pub use jsd::jsd;
 pub use kl::{forward_kl, reverse_kl};
 pub use pld::pld;
 pub use reduced::Reduced;
-pub use registry::{Loss, LossInput, LossSpec, REGISTRY};
+pub use registry::{Loss, LossInput, LossSpec, Reads, REGISTRY};
 pub use sinkhorn::sinkhorn;
 pub use skew::{skew_kl, skew_reverse_kl};
 pub use taid::Taid;

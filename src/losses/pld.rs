@@ -14,7 +14,7 @@
 //! off the store (their weights sum to the tail mass).
 use super::hinton::labelled_weights;
 use super::reduced::student_log_probs;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads};
 use super::{check_pair, compute_kind, lead_shape, masked_mean, Reduced};
 use crate::data::IGNORE_INDEX;
 use crate::{Error, Result};
@@ -159,6 +159,7 @@ pub const PLD: LossSpec = LossSpec {
         range: Range::Positive,
         doc: "the temperature of the teacher's confidence weights",
     }],
+    reads: Reads::Logits,
     build: |p, _| Ok(Box::new(Pld { tau: p.get("tau") })),
 };
 

@@ -5,7 +5,9 @@
 //! A built loss is a `Loss`: it maps (student logits, teacher logits, labels, per-token weights),
 //! all over the same flattened positions, to a scalar. It never runs a model and never reads the
 //! run file. On a teacher store it receives the reduced pair instead of the teacher's logits
-//! (`reduced.rs`), or says why it is not defined there (`Loss::on_reduced`).
+//! (`reduced.rs`), or says why it is not defined there (`Loss::on_reduced`). A kind that reads
+//! hidden states (`Reads::Hidden`) maps mapped layer pairs instead (`Loss::compute_hidden`), once per
+//! micro-batch; its run-file table also takes `layers = [[student, teacher], ...]`.
 use super::Reduced;
 use crate::{Error, Result};
 use tch::Tensor;
@@ -23,6 +25,8 @@ pub enum Range {
     UnitOpen,
     /// an integer ≥ 1
     Count,
+    /// one of these names; the value is its index (the run file writes the name)
+    Choice(&'static [&'static str]),
 }
 
 impl Range {
@@ -34,15 +38,31 @@ impl Range {
                 Range::Unit => (0.0..=1.0).contains(&x),
                 Range::UnitOpen => x > 0.0 && x <= 1.0,
                 Range::Count => x >= 1.0 && x.fract() == 0.0 && x <= u32::MAX as f64,
+                Range::Choice(names) => x >= 0.0 && x.fract() == 0.0 && x < names.len() as f64,
             }
     }
-    pub fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            Range::Positive => "positive",
-            Range::NonNegative => "≥ 0",
-            Range::Unit => "in [0, 1]",
-            Range::UnitOpen => "in (0, 1]",
-            Range::Count => "an integer ≥ 1",
+            Range::Positive => "positive".into(),
+            Range::NonNegative => "≥ 0".into(),
+            Range::Unit => "in [0, 1]".into(),
+            Range::UnitOpen => "in (0, 1]".into(),
+            Range::Count => "an integer ≥ 1".into(),
+            Range::Choice(names) => format!("one of {}", names.join(", ")),
+        }
+    }
+    /// The name a `Choice` value stands for (None for other ranges or an index out of range).
+    pub fn name_of(&self, x: f64) -> Option<&'static str> {
+        match self {
+            Range::Choice(names) if self.contains(x) => Some(names[x as usize]),
+            _ => None,
+        }
+    }
+    /// The value of a `Choice` name.
+    pub fn index_of(&self, name: &str) -> Option<f64> {
+        match self {
+            Range::Choice(names) => names.iter().position(|n| *n == name).map(|i| i as f64),
+            _ => None,
         }
     }
 }
@@ -70,11 +90,21 @@ pub struct BuildContext {
     pub total_steps: usize,
 }
 
+/// What a loss kind compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// the output distributions (logits, or a store's reduced pair), per position
+    Logits,
+    /// hidden states of mapped layer pairs (`hidden.rs`), once per micro-batch
+    Hidden,
+}
+
 pub struct LossSpec {
     pub name: &'static str,
     /// one line: the formula
     pub summary: &'static str,
     pub params: &'static [ParamSpec],
+    pub reads: Reads,
     pub build: fn(&Params, &BuildContext) -> Result<Box<dyn Loss>>,
 }
 
@@ -107,6 +137,23 @@ impl Params {
     }
     pub fn count(&self, name: &str) -> usize {
         self.get(name) as usize
+    }
+    /// The (name, value) pairs as the run file writes them: a `Choice` by its name.
+    pub fn describe(&self, spec: &LossSpec) -> Vec<String> {
+        self.values
+            .iter()
+            .map(|(n, v)| {
+                match spec
+                    .params
+                    .iter()
+                    .find(|p| p.name == *n)
+                    .and_then(|p| p.range.name_of(*v))
+                {
+                    Some(name) => format!("{n}={name}"),
+                    None => format!("{n}={v}"),
+                }
+            })
+            .collect()
     }
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
         self.values.iter().copied()
@@ -243,6 +290,13 @@ pub trait Loss: Send + std::fmt::Debug {
     fn log_value(&self) -> Option<(&'static str, f64)> {
         None
     }
+    /// For a kind that reads hidden states (`Reads::Hidden`): its value over mapped layer pairs.
+    fn compute_hidden(&self, _x: &super::hidden::HiddenInput) -> Result<Tensor> {
+        Err(Error::Invalid(format!(
+            "{}: compares output distributions, not hidden states",
+            self.spec().name
+        )))
+    }
 }
 
 /// Every loss kind the run file accepts, in the order the README lists them.
@@ -260,6 +314,7 @@ pub const REGISTRY: &[&LossSpec] = &[
     &super::taid::TAID,
     &super::token_selective::TOKEN_SELECTIVE,
     &super::sinkhorn::SINKHORN,
+    &super::hidden::HIDDEN,
 ];
 
 /// The spec of a loss kind by its run-file name.

@@ -14,7 +14,7 @@
 //! the loss weight. `iters` = 0 returns K unnormalised.
 //! On a stored (sparse) teacher: refused (`REDUCED_REFUSAL`): the cost compares row i of the student
 //! with row j ≠ i of the teacher outcome by outcome, and a store's rows have different outcomes.
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads, TEMPERATURE};
 use super::{check_pair, check_temperature, compute_kind};
 use crate::{Error, Result};
 use tch::Tensor;
@@ -99,6 +99,7 @@ pub const SINKHORN: LossSpec = LossSpec {
             doc: "Sinkhorn iterations, each a row then a column normalisation (SinKD's count)",
         },
     ],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(Sinkhorn {
             temperature: p.get("temperature"),

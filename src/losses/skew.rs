@@ -4,7 +4,7 @@
 //! The mixture's log is a logaddexp of log-probabilities; the gradient flows through q wherever it
 //! appears (as in DistiLLM's code). α = 0 gives forward (resp. reverse) KL; α = 1 gives 0.
 //! On a stored (sparse) teacher: the same formulas on the K + 1 reduced outcomes (p̃, q̃).
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads, TEMPERATURE};
 use super::{check_unit, checked_distributions, kl_per_pos, masked_mean, mixture};
 use crate::Result;
 use tch::Tensor;
@@ -67,6 +67,7 @@ pub const SKEW_KL: LossSpec = LossSpec {
     name: "skew_kl",
     summary: "KL(p ‖ α·p + (1−α)·q)",
     params: &[TEMPERATURE, ALPHA],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(Skew {
             reverse: false,
@@ -80,6 +81,7 @@ pub const SKEW_REVERSE_KL: LossSpec = LossSpec {
     name: "skew_reverse_kl",
     summary: "KL(q ‖ α·q + (1−α)·p)",
     params: &[TEMPERATURE, ALPHA],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(Skew {
             reverse: true,

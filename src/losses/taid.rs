@@ -10,7 +10,7 @@
 //! p̃_λ = softmax((1−λ)·sg(log q̃) + λ·log p̃), loss KL(p̃_λ‖q̃). On the stored tokens p̃_λ has the
 //! dense target's proportions; its bucket is the geometric interpolation q̃_tail^(1−λ)·p̃_tail^λ (up to
 //! the normalisation), not the dense target's tail mass, which needs the logits off the store.
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads};
 use super::{check_pair, check_unit, distributions, kl_per_pos, masked_mean};
 use crate::{Error, Result};
 use tch::Tensor;
@@ -163,6 +163,7 @@ pub const TAID: LossSpec = LossSpec {
             doc: "the momentum of the relative loss change",
         },
     ],
+    reads: Reads::Logits,
     build: |p, ctx| {
         Ok(Box::new(Taid::new(
             p.get("t_start"),

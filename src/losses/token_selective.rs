@@ -22,7 +22,7 @@
 //!      unstored candidates rank above it, and it is put above them.
 use super::jsd::jsd_of;
 use super::pld::plackett_luce_suffix;
-use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, ParamSpec, Range, Reads, TEMPERATURE};
 use super::{check_pair, check_temperature, distributions, masked_mean, weights_of, Reduced};
 use crate::{Error, Result};
 use tch::{Kind, Tensor};
@@ -272,6 +272,7 @@ pub const TOKEN_SELECTIVE: LossSpec = LossSpec {
             doc: "weight of part 3",
         },
     ],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(TokenSelective(TokenSelectiveConfig {
             beta: p.get("beta"),

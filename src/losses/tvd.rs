@@ -1,7 +1,7 @@
 //! Total variation distance: TVD(p, q) = ½·Σ_v |p(v) − q(v)|, mean over counted positions
 //! (used as a KD objective by Wen et al. 2023, "f-divergence minimization for sequence-level KD").
 //! On a stored (sparse) teacher: the same formula on the K + 1 reduced outcomes, ½·Σ|p̃ − q̃|.
-use super::registry::{Loss, LossInput, LossSpec, TEMPERATURE};
+use super::registry::{Loss, LossInput, LossSpec, Reads, TEMPERATURE};
 use super::{checked_distributions, masked_mean};
 use crate::Result;
 use tch::Tensor;
@@ -26,6 +26,7 @@ pub const TVD: LossSpec = LossSpec {
     name: "tvd",
     summary: "½ Σ |p − q|",
     params: &[TEMPERATURE],
+    reads: Reads::Logits,
     build: |p, _| {
         Ok(Box::new(Tvd {
             temperature: p.get("temperature"),

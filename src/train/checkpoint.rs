@@ -1,5 +1,6 @@
 //! Checkpoints: `OUTPUT/checkpoints/step-00000100/` holds the student as a Hugging Face folder,
-//! `optimizer.safetensors` (AdamW moments) and `state.json` (`TrainState`). A checkpoint is written
+//! `optimizer.safetensors` (AdamW moments), the run's other trained tensors when it has some
+//! (`projection.safetensors`: hidden-state projections) and `state.json` (`TrainState`). A checkpoint is written
 //! into a hidden `.partial-…` folder, every file fsynced, `state.json` last, then renamed into place:
 //! a folder named `step-…` is always complete. Only the newest `keep_last` are kept.
 use super::optim::AdamW;
@@ -56,9 +57,11 @@ pub fn incomplete(output: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `extra`: further files of named tensors to write beside the optimizer's (file name, tensors).
 pub fn save(
     output: &Path,
     student: &LoadedModel,
+    extra: &[(&str, Vec<(String, tch::Tensor)>)],
     opt: &AdamW,
     state: &TrainState,
     keep_last: usize,
@@ -74,6 +77,9 @@ pub fn save(
     student.save_hf(&partial)?;
     faults.during_save();
     hf::write_safetensors(&partial.join("optimizer.safetensors"), &opt.state_tensors())?;
+    for (file, tensors) in extra {
+        hf::write_safetensors(&partial.join(file), tensors)?;
+    }
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     write_atomic(&partial.join("state.json"), json.as_bytes())?;
     let final_dir = d.join(&name);

@@ -1,7 +1,8 @@
 //! AdamW (Loshchilov & Hutter 2019), in PyTorch's order of operations:
 //!   θ ← θ·(1 − lr·λ);  m ← lerp(m, g, 1 − β1);  v ← β2·v + (1 − β2)·g²
 //!   θ ← θ − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε)
-//! Weight decay applies to every parameter (as `torch.optim.AdamW` with one group).
+//! Weight decay applies to every parameter (as `torch.optim.AdamW` with one group), the projections
+//! of hidden-state terms included (`add`).
 //! Schedules: linear warm-up from 0 over `warmup_steps`, then constant, linear or cosine decay to
 //! `min_lr_ratio`·lr at the last step. Clipping: the global L2 norm, scaled by
 //! max_norm / (norm + 1e−6) when above (`torch.nn.utils.clip_grad_norm_`).
@@ -171,6 +172,29 @@ impl AdamW {
             t: 0,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Add the trainable variables of a second store (a hidden-state term's projection) to the
+    /// same group: one learning rate, one clipping norm over all, one state file. Names must not
+    /// collide with those already held.
+    pub fn add(&mut self, vs: &nn::VarStore) -> Result<()> {
+        let mut more: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        more.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, p) in more {
+            if self.params.iter().any(|(n, _)| *n == name) {
+                return Err(crate::Error::Invalid(format!(
+                    "optimizer: a second parameter named '{name}'"
+                )));
+            }
+            self.m.push(p.f_zeros_like()?);
+            self.v.push(p.f_zeros_like()?);
+            self.params.push((name, p));
+        }
+        Ok(())
     }
 
     pub fn zero_grad(&mut self) {

@@ -8,6 +8,8 @@
 //!   metrics.jsonl   one record per logged step, per evaluation, and a closing summary
 //!   checkpoints/    step-N/ (student, optimizer.safetensors, state.json), whole or absent
 //!   student/        the distilled student, a Hugging Face folder
+//!   projection.safetensors   the hidden-state terms' learned projections (train/hidden.rs), when
+//!                   the run has any: beside the student, never inside it
 //!   loss.png, report.md   made from run.json and the metric records alone
 use super::checkpoint;
 use super::faults::Faults;
@@ -26,6 +28,7 @@ const RUN_FILES: &[&str] = &[
     "checkpoints",
     "metrics.jsonl",
     "student",
+    "projection.safetensors",
     "report.md",
     "loss.png",
 ];
@@ -139,14 +142,31 @@ impl RunOutput {
             .map_err(|e| Error::io(&self.metrics_path, e))
     }
 
+    /// `extra`: further files of named tensors (file name, tensors), e.g. the projections.
     pub fn checkpoint(
         &self,
         student: &LoadedModel,
+        extra: &[(&str, Vec<(String, tch::Tensor)>)],
         opt: &AdamW,
         state: &TrainState,
         keep_last: usize,
     ) -> Result<PathBuf> {
-        checkpoint::save(&self.dir, student, opt, state, keep_last, &self.faults)
+        checkpoint::save(
+            &self.dir,
+            student,
+            extra,
+            opt,
+            state,
+            keep_last,
+            &self.faults,
+        )
+    }
+
+    /// Named tensors as `OUTPUT/{file}` (atomically), beside the student folder.
+    pub fn save_tensors(&self, file: &str, tensors: &[(String, tch::Tensor)]) -> Result<PathBuf> {
+        let path = self.dir.join(file);
+        crate::model::hf::write_safetensors(&path, tensors)?;
+        Ok(path)
     }
 
     /// The student as `student/`, written to a hidden folder and renamed into place.

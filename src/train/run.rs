@@ -9,6 +9,7 @@
 //!    from the records.
 use super::checkpoint;
 use super::faults::Faults;
+use super::hidden::{self, Projections};
 use super::optim::{lr_at, AdamW};
 use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
@@ -83,6 +84,8 @@ struct Setup {
     /// a hybrid's counts and write-back
     hybrid: RefCell<HybridState>,
     student: LoadedModel,
+    /// the hidden-state terms' learned projections (trained with the student)
+    projections: Option<Projections>,
     ds: Dataset,
     objective: Objective,
     opt: AdamW,
@@ -426,6 +429,22 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             .check_sparse(st.header.selection.temperature)
             .map_err(|e| Error::Invalid(format!("teacher.store = {}: {e}", st.dir.display())))?;
     }
+    // the hidden-state terms' layer maps and projections (a store refused them above)
+    let projections = match &teacher {
+        Some(t) if !objective.hidden_terms().is_empty() => hidden::wire(
+            &mut objective,
+            &cfg.losses,
+            &student.model.config,
+            &t.model.config,
+            match &cfg.student.init {
+                StudentInit::FromTeacher { layers } => Some(layers.as_slice()),
+                StudentInit::Path(_) => None,
+            },
+            cfg.run.seed,
+            device,
+        )?,
+        _ => None,
+    };
     let hybrid = RefCell::new(HybridState::default());
     if cfg.teacher.write_back {
         let (Some(st), Some(t)) = (&store, &teacher) else {
@@ -458,6 +477,9 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         )?);
     }
     let mut opt = AdamW::new(&student.vs, &cfg.optim)?;
+    if let Some(p) = &projections {
+        opt.add(&p.vs)?;
+    }
     let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
     let fingerprint = fingerprint_of(cfg, &ds, total);
     let mut state = TrainState {
@@ -511,6 +533,9 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         }
         let weights = hf::read_safetensors(&ck.join("model.safetensors"))?;
         hf::load_into(&student.vs, &weights, &ck)?;
+        if let Some(p) = &projections {
+            p.load(&ck)?;
+        }
         opt.load_state(
             &hf::read_safetensors(&ck.join("optimizer.safetensors"))?,
             st.adam_t,
@@ -549,6 +574,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         store,
         hybrid,
         student,
+        projections,
         ds,
         objective,
         opt,
@@ -587,6 +613,8 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
                  "train_sequences": s.ds.train.len(), "train_tokens": s.ds.train_tokens,
                  "validation_sequences": s.ds.validation.len()},
         "objective": cfg.losses.iter().map(|l| format!("{} × {}", l.weight, l.describe())).collect::<Vec<_>>(),
+        "hidden_layers": s.objective.hidden_maps().into_iter().map(|m| json!({
+            "term": m.term, "pairs": m.pairs, "projection": m.projected})).collect::<Vec<_>>(),
         "optim": {"lr": cfg.optim.lr, "schedule": format!("{:?}", cfg.optim.schedule).to_lowercase(),
                   "warmup_steps": cfg.optim.warmup_steps, "micro_batch": cfg.optim.micro_batch,
                   "grad_accum": cfg.optim.grad_accum},
@@ -829,7 +857,13 @@ fn steps(
             if let Some(w) = s.hybrid.borrow_mut().writer.as_mut() {
                 w.flush()?;
             }
-            out.checkpoint(&s.student, &s.opt, &s.state, cfg.run.keep_last)?;
+            out.checkpoint(
+                &s.student,
+                &projection_files(&s.projections),
+                &s.opt,
+                &s.state,
+                cfg.run.keep_last,
+            )?;
         }
         faults.after_step();
     }
@@ -854,6 +888,9 @@ fn write_out(
         None => evaluate(cfg, s)?,
     };
     out.save_student(&s.student)?;
+    for (file, tensors) in projection_files(&s.projections) {
+        out.save_tensors(file, &tensors)?; // beside student/, never inside it
+    }
     if let Some(w) = s.hybrid.borrow_mut().writer.take() {
         let h = w.finish()?;
         tracing::info!(
@@ -892,6 +929,11 @@ fn write_out(
         seconds,
         teacher_checksums: (s.teacher_checksum.clone(), teacher_after),
     })
+}
+
+/// The projections as a file of the checkpoint and of the output folder (none without them).
+fn projection_files(p: &Option<Projections>) -> Vec<(&'static str, Vec<(String, tch::Tensor)>)> {
+    p.iter().map(|p| (hidden::FILE, p.tensors())).collect()
 }
 
 /// Tokens per second of one forward pass over a validation batch: (teacher, student); the

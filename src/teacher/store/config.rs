@@ -81,7 +81,7 @@ impl CaptureFile {
 fn default_temperature(losses: &[LossTerm]) -> f64 {
     let ts: Vec<f64> = losses
         .iter()
-        .filter(|l| l.spec.name != "cross_entropy")
+        .filter(|l| l.spec.name != "cross_entropy" && l.spec.reads == crate::losses::Reads::Logits)
         .map(|l| {
             l.params
                 .iter()
