@@ -135,6 +135,21 @@ fn quantisers_equal_ggml_reference_byte_for_byte() {
             "Q4_K against ggml's quantize_row_q4_K_ref"
         );
     }
+    // a long input is quantised in pieces on all cores: the bytes of its blocks one by one
+    let long =
+        Vec::<f32>::try_from(Tensor::randn([256 * 1100], (Kind::Float, Device::Cpu))).unwrap();
+    for ty in [
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+    ] {
+        let blockwise: Vec<u8> = long
+            .chunks(256)
+            .flat_map(|c| quantize(ty, c).unwrap())
+            .collect();
+        assert_eq!(quantize(ty, &long).unwrap(), blockwise, "{ty:?}");
+    }
 }
 
 /// Round trip error bounds, from the block formats (`d16` = d rounded to f16, relative error
@@ -205,7 +220,7 @@ fn promised_type(ty: OutType, dims: &[u64]) -> &'static str {
     if dims.len() == 1 {
         return "F32";
     }
-    match (ty, dims[0] % 256 == 0, dims[0] % 32 == 0) {
+    match (ty, dims[0].is_multiple_of(256), dims[0].is_multiple_of(32)) {
         (OutType::F16, _, _) => "F16",
         (OutType::Q8_0, _, true) => "Q8_0",
         (OutType::Q4_K, true, _) => "Q4_K",
@@ -384,6 +399,44 @@ fn refusals_name_what_cannot_be_exported() {
     m.model.config.sliding_window = Some(128);
     let e = m.save_gguf(&path, OutType::F16).unwrap_err().to_string();
     assert!(e.contains("sliding_window") && e.contains("128"), "{e}");
+    let mut m = tiny_model(288, false, false);
+    m.model.config.rope_scaling = model::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 128.0,
+    };
+    let e = m.save_gguf(&path, OutType::F16).unwrap_err().to_string();
+    assert!(e.contains("rope_scaling"), "{e}");
+    // tokenizers llama.cpp's gpt2 model cannot represent: SentencePiece-style BPE (byte
+    // fallback), a pre-tokenizer without a llama.cpp name; and ids beyond the model's vocabulary
+    let bpe = |pre: Json, fallback: bool, vocab: usize| {
+        let v: serde_json::Map<String, Json> = (0..vocab)
+            .map(|i| (format!("t{i}"), Json::from(i)))
+            .collect();
+        let tj = serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": pre, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "vocab": v, "merges": [], "byte_fallback": fallback}});
+        Tokenizer::from_json(tj.to_string(), None, Path::new("tokenizer.json")).unwrap()
+    };
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": true});
+    for (tok, needle) in [
+        (bpe(Json::Null, true, 8), "byte fallback"),
+        (
+            bpe(serde_json::json!({"type": "Whitespace"}), false, 8),
+            "pre_tokenizer",
+        ),
+        (
+            bpe(byte_level, false, 300),
+            "beyond the model's vocabulary of 260",
+        ),
+    ] {
+        let mut m = tiny_model(288, false, false);
+        m.tokenizer = Some(tok);
+        let e = m.save_gguf(&path, OutType::F16).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
     let m = tiny_model(288, false, false);
     tch::no_grad(|| {
         let v = m.vs.variables()["model.layers.1.mlp.up_proj.weight"].shallow_clone();

@@ -13,24 +13,59 @@ use super::gguf::GgmlType;
 use half::f16;
 
 /// The bytes of `x` (a whole number of blocks of `ty`) stored as `ty`; None for a type this module
-/// does not quantise or a length that is not a whole number of blocks.
+/// does not quantise or a length that is not a whole number of blocks. Blocks are independent: a
+/// long `x` is cut at block boundaries and quantised on all cores, with the same bytes.
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Option<Vec<u8>> {
     let (qk, bytes) = ty.block()?;
-    if x.len() % qk != 0 {
+    if !x.len().is_multiple_of(qk)
+        || !matches!(
+            ty,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_K
+        )
+    {
         return None;
     }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // at least 64k values a piece: below that a thread costs more than it saves
+    let blocks_per_piece = (x.len() / qk).div_ceil(threads).max((1 << 16) / qk);
+    let pieces: Vec<&[f32]> = x.chunks(blocks_per_piece * qk).collect();
     let mut out = Vec::with_capacity(x.len() / qk * bytes);
+    if pieces.len() <= 1 {
+        quantize_blocks(ty, x, &mut out);
+    } else {
+        let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = pieces
+                .iter()
+                .map(|p| {
+                    s.spawn(move || {
+                        let mut o = Vec::with_capacity(p.len() / qk * bytes);
+                        quantize_blocks(ty, p, &mut o);
+                        o
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a quantiser thread does not panic"))
+                .collect()
+        });
+        parts.iter().for_each(|p| out.extend_from_slice(p));
+    }
+    Some(out)
+}
+
+/// Append the blocks of `x` as `ty` (one of the types `quantize` accepts) to `out`.
+fn quantize_blocks(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
     match ty {
         GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
         GgmlType::F16 => x
             .iter()
             .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
-        GgmlType::Q8_0 => x.chunks_exact(32).for_each(|b| q8_0_block(b, &mut out)),
-        GgmlType::Q5_0 => x.chunks_exact(32).for_each(|b| q5_0_block(b, &mut out)),
-        GgmlType::Q4_K => x.chunks_exact(256).for_each(|b| q4_k_block(b, &mut out)),
-        _ => return None,
+        GgmlType::Q8_0 => x.chunks_exact(32).for_each(|b| q8_0_block(b, out)),
+        GgmlType::Q5_0 => x.chunks_exact(32).for_each(|b| q5_0_block(b, out)),
+        GgmlType::Q4_K => x.chunks_exact(256).for_each(|b| q4_k_block(b, out)),
+        other => unreachable!("quantize accepts no {other:?}"),
     }
-    Some(out)
 }
 
 /// ggml's `nearest_int`: round to nearest, ties to even, through the f32 mantissa (|v| < 2^22).

@@ -72,9 +72,9 @@ impl OutType {
         let row = dims[0];
         match self {
             OutType::F16 => GgmlType::F16,
-            OutType::Q8_0 if row % 32 == 0 => GgmlType::Q8_0,
-            OutType::Q4_K if row % 256 == 0 => GgmlType::Q4_K,
-            OutType::Q4_K if row % 32 == 0 => GgmlType::Q5_0,
+            OutType::Q8_0 if row.is_multiple_of(32) => GgmlType::Q8_0,
+            OutType::Q4_K if row.is_multiple_of(256) => GgmlType::Q4_K,
+            OutType::Q4_K if row.is_multiple_of(32) => GgmlType::Q5_0,
             _ => GgmlType::F16,
         }
     }
