@@ -44,13 +44,18 @@ enum Command {
     Generate(generate::Args),
     /// Perplexity of a model over a text file
     Eval(eval::Args),
-    /// Convert a model (GGUF or HF folder) into a Hugging Face folder
+    /// Convert a model (GGUF or HF folder) into a Hugging Face folder, or into a GGUF file for
+    /// llama.cpp when the output ends in .gguf
     Convert {
         model: PathBuf,
+        /// A folder (Hugging Face), or a file ending in .gguf
         out_dir: PathBuf,
         /// Keep only these decoder layers (a student made from the model), e.g. 0,3,6,29
         #[arg(long, value_delimiter = ',')]
         layers: Option<Vec<usize>>,
+        /// Weight type of a .gguf output (default f16); 1-D tensors stay f32
+        #[arg(long = "type", value_enum)]
+        ty: Option<convert::GgufType>,
     },
     /// Compare a teacher's and a student's vocabularies (tokens, padding rows, ids, chat
     /// templates) before any training; exit 2 when they cannot be distilled
@@ -169,7 +174,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     model,
                     out_dir,
                     layers,
-                } => convert::run(&model, &out_dir, layers.as_deref(), device),
+                    ty,
+                } => convert::run(&model, &out_dir, layers.as_deref(), ty, device),
                 Command::Train { .. } | Command::Demo { .. } | Command::Capture(_) => {
                     unreachable!("dispatched above")
                 }

@@ -492,11 +492,17 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
     out.extend(s.as_bytes());
 }
 
-/// A GGUF v3 file's bytes (alignment 32): `metadata` in order, then `tensors` as (name, dims
-/// innermost first, type, stored bytes), each tensor's data aligned. The inverse of
-/// [`GgufFile::open`]; the caller gives bytes of the size the type and dims need.
-pub fn encode(metadata: &[(&str, Value)], tensors: &[(&str, &[u64], GgmlType, &[u8])]) -> Vec<u8> {
-    const ALIGN: usize = 32;
+/// The alignment of tensor data in the files we write (llama.cpp's default `general.alignment`).
+pub const ALIGN: usize = 32;
+
+/// The bytes of a GGUF v3 file before its tensor data (alignment [`ALIGN`]): header, `metadata` in
+/// order, the tensor table of (name, dims innermost first, type, stored byte length), each tensor
+/// placed at the first multiple of 32 after the end of the one before, and the padding to 32. The
+/// data follows, each tensor padded to 32 (`encode`).
+pub fn encode_header(
+    metadata: &[(&str, Value)],
+    tensors: &[(&str, &[u64], GgmlType, usize)],
+) -> Vec<u8> {
     let mut out = b"GGUF".to_vec();
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
@@ -507,14 +513,27 @@ pub fn encode(metadata: &[(&str, Value)], tensors: &[(&str, &[u64], GgmlType, &[
         v.write(&mut out);
     }
     let mut offset = 0usize;
-    for (name, dims, ty, bytes) in tensors {
+    for (name, dims, ty, len) in tensors {
         write_string(&mut out, name);
         out.extend((dims.len() as u32).to_le_bytes());
         dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
         out.extend(ty.to_u32().to_le_bytes());
         out.extend((offset as u64).to_le_bytes());
-        offset = (offset + bytes.len()).div_ceil(ALIGN) * ALIGN;
+        offset = (offset + len).div_ceil(ALIGN) * ALIGN;
     }
+    out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    out
+}
+
+/// A GGUF v3 file's bytes (alignment 32): `metadata` in order, then `tensors` as (name, dims
+/// innermost first, type, stored bytes), each tensor's data aligned. The inverse of
+/// [`GgufFile::open`]; the caller gives bytes of the size the type and dims need.
+pub fn encode(metadata: &[(&str, Value)], tensors: &[(&str, &[u64], GgmlType, &[u8])]) -> Vec<u8> {
+    let table: Vec<(&str, &[u64], GgmlType, usize)> = tensors
+        .iter()
+        .map(|(name, dims, ty, bytes)| (*name, *dims, *ty, bytes.len()))
+        .collect();
+    let mut out = encode_header(metadata, &table);
     for (_, _, _, bytes) in tensors {
         out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
         out.extend_from_slice(bytes);

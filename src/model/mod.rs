@@ -1,6 +1,8 @@
 //! Causal LMs: load from a Hugging Face folder or a GGUF file, build at random, save as a folder.
 pub mod config;
 pub mod gguf;
+pub mod gguf_quant;
+pub mod gguf_write;
 pub mod hf;
 pub mod llama;
 pub mod tokenizer;
@@ -39,6 +41,11 @@ impl LoadedModel {
             self.tokenizer.as_ref(),
             self.generation_config.as_ref(),
         )
+    }
+
+    /// Save as a GGUF file for llama.cpp, weights stored as `out` asks (`gguf_write`).
+    pub fn save_gguf(&self, path: &Path, out: gguf_write::OutType) -> Result<gguf_write::Written> {
+        gguf_write::write(self, path, out)
     }
 }
 

@@ -170,7 +170,7 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 }
 
 /// GPT-2 family pre-tokenizers by GGUF `tokenizer.ggml.pre` name.
-fn pre_tokenizer_for(pre: &str, path: &Path) -> Result<Value> {
+pub(crate) fn pre_tokenizer_for(pre: &str, path: &Path) -> Result<Value> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
