@@ -94,6 +94,7 @@ threads = 1
 coverage = 0.9
 max_k = 16
 shard_sequences = 5
+tail_samples = 0
 {extra}
 "#
     );
@@ -295,8 +296,22 @@ print(json.dumps({k: [str(v.dtype), int(v.shape[0]), float(v.astype("float64").s
 fn a_capture_killed_between_shard_and_header_resumes_without_repeats_or_gaps() {
     let env = env();
     let d = env.path();
-    run_file(d, "whole", "path = \"teacher\"\nstore = \"whole\"", "");
-    run_file(d, "killed", "path = \"teacher\"\nstore = \"killed\"", "");
+    // with tail draws: a sequence's draws are seeded by its key, so the resumed capture (other
+    // batches) stores it alike
+    for name in ["whole", "killed"] {
+        run_file(
+            d,
+            name,
+            &format!("path = \"teacher\"\nstore = \"{name}\""),
+            "",
+        );
+        let text = std::fs::read_to_string(d.join(format!("{name}.toml"))).unwrap();
+        std::fs::write(
+            d.join(format!("{name}.toml")),
+            text.replace("tail_samples = 0", "tail_samples = 8"),
+        )
+        .unwrap();
+    }
     ok(&distill(&["capture", &p(d, "whole.toml")]));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["capture", &p(d, "killed.toml")])
@@ -634,6 +649,13 @@ fn a_killed_hybrid_run_with_write_back_resumes_exactly() {
     let env = env();
     let d = env.path();
     run_file(d, "cap", "path = \"teacher\"\nstore = \"store-a\"", "");
+    // a store with tail draws: rows written back are drawn alike before and after the kill
+    let text = std::fs::read_to_string(d.join("cap.toml")).unwrap();
+    std::fs::write(
+        d.join("cap.toml"),
+        text.replace("tail_samples = 0", "tail_samples = 8"),
+    )
+    .unwrap();
     ok(&distill(&["capture", &p(d, "cap.toml"), "--steps", "2"]));
     // a second copy of the same store for the killed run (write-back changes a store)
     std::fs::create_dir_all(d.join("store-b")).unwrap();

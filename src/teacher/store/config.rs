@@ -9,7 +9,7 @@ use serde::Deserialize;
 pub struct CaptureFile {
     /// the mass the kept tokens reach at each position, in (0, 1]
     pub coverage: Option<f64>,
-    /// at most this many tokens per position (the label included)
+    /// at most this many tokens in a position's head (the label included; drawn tail tokens come on top)
     pub max_k: Option<usize>,
     /// the temperature the distribution is taken at (default: the run's losses' temperature)
     pub temperature: Option<f64>,
@@ -29,9 +29,9 @@ pub struct CaptureConfig {
 
 /// The defaults, chosen by measurement on the demo teacher (BENCHMARKS.md, "Teacher store").
 pub const COVERAGE: f64 = 0.95;
-pub const MAX_K: usize = 32;
+pub const MAX_K: usize = 16;
 pub const SHARD_SEQUENCES: usize = 64;
-pub const TAIL_SAMPLES: usize = 0;
+pub const TAIL_SAMPLES: usize = 24;
 /// Bound on `max_k` (a k is written as u16).
 const MAX_K_LIMIT: usize = 65535;
 
