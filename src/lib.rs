@@ -12,6 +12,7 @@ pub mod io;
 pub mod losses;
 pub mod model;
 pub mod objective;
+pub mod prune_width;
 pub mod report;
 pub mod student;
 pub mod teacher;

@@ -9,6 +9,7 @@ mod demo;
 mod eval;
 mod generate;
 mod inspect;
+mod prune_width;
 mod store;
 mod train;
 
@@ -57,6 +58,8 @@ enum Command {
         #[arg(long = "type", value_enum)]
         ty: Option<convert::GgufType>,
     },
+    /// A narrower student (hidden size, MLP size, heads) from a teacher's most important channels
+    PruneWidth(prune_width::Args),
     /// Compare a teacher's and a student's vocabularies (tokens, padding rows, ids, chat
     /// templates) before any training; exit 2 when they cannot be distilled
     Check(check::Args),
@@ -168,6 +171,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Generate(args) => generate::run(args, device),
                 Command::Eval(args) => eval::run(args, device),
                 Command::Check(args) => check::run(args, device),
+                Command::PruneWidth(args) => prune_width::run(args, device),
                 Command::Bench(cmd) => bench::run(cmd, device),
                 Command::Store(cmd) => store::run(cmd, device),
                 Command::Convert {

@@ -124,6 +124,17 @@ impl Attention {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mask: &AttnMask,
     ) -> Tensor {
+        lin(&self.o_proj, &self.heads(x, rope, cache, mask))
+    }
+
+    /// The heads' outputs before the output projection, (B, T, nh·hd), head-major.
+    fn heads(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &AttnMask,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden is (B, T, d)");
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = lin(&self.q_proj, x).view([b, t, nh, hd]).transpose(1, 2); // (B, nh, T, hd)
@@ -150,8 +161,7 @@ impl Attention {
             AttnMask::Explicit(m) => (Some(m), false),
         };
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, false);
-        let y = y.transpose(1, 2).contiguous().view([b, t, nh * hd]); // (B, T, nh·hd)
-        lin(&self.o_proj, &y)
+        y.transpose(1, 2).contiguous().view([b, t, nh * hd]) // (B, T, nh·hd)
     }
 }
 
@@ -172,10 +182,11 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        lin(
-            &self.down_proj,
-            &(lin(&self.gate_proj, x).silu() * lin(&self.up_proj, x)),
-        )
+        lin(&self.down_proj, &self.act(x))
+    }
+    /// silu(gate(x)) · up(x): the input of down_proj, (…, f).
+    fn act(&self, x: &Tensor) -> Tensor {
+        lin(&self.gate_proj, x).silu() * lin(&self.up_proj, x)
     }
 }
 
@@ -566,5 +577,74 @@ impl Llama {
     /// Incremental forward: `ids` continue the sequence held in `cache`, which is extended.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.head(&self.trunk(ids, Some(cache), &[])?.last)
+    }
+}
+
+/// Activation statistics for width pruning by importance (Minitron, Muralidharan et al. 2024), each
+/// a sum over the tokens of one forward pass, in f64:
+///   mlp[l][j]   = Σ_t |silu(gate(x_t))·up(x_t)|_j   (layer l's down_proj input, channel j)
+///   heads[l][h] = Σ_t ‖attn_h(x_t)‖₂                (head h's output before o_proj)
+///   hidden[i]   = Σ_t Σ_n |RMSNorm_n(h_t)|_i        (every norm's output: 2 per layer + the final)
+#[derive(Debug)]
+pub struct ActivationSums {
+    pub mlp: Vec<Tensor>,
+    pub heads: Vec<Tensor>,
+    pub hidden: Tensor,
+    /// how many tokens were summed over
+    pub tokens: i64,
+}
+
+impl Llama {
+    /// The [`ActivationSums`] of one forward pass over `ids` (B, T), without gradients.
+    pub fn activation_sums(&self, ids: &Tensor) -> Result<ActivationSums> {
+        let (b, t) = self.check_ids(ids)?;
+        if t as usize > self.config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "sequence of {t} positions exceeds the model's context of {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        tch::no_grad(|| {
+            let ids = ids.to_kind(Kind::Int64).to_device(self.device);
+            let rope = self.rope(0, t);
+            let mask = self.mask(0, t);
+            let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?
+                .f_to_kind(self.compute)?;
+            let abs_sum = |x: &Tensor| {
+                x.to_kind(Kind::Double)
+                    .abs()
+                    .sum_dim_intlist(&[0i64, 1][..], false, Kind::Double)
+            };
+            let mut hidden = Tensor::zeros(
+                [self.config.hidden_size as i64],
+                (Kind::Double, self.device),
+            );
+            let (mut mlp, mut heads) = (Vec::new(), Vec::new());
+            for layer in &self.layers {
+                let x = layer.input_layernorm.forward(&h);
+                hidden += abs_sum(&x);
+                let y = layer.self_attn.heads(&x, &rope, None, &mask); // (B, T, nh·hd)
+                let a = &layer.self_attn;
+                let per_head = y
+                    .to_kind(Kind::Double)
+                    .view([b, t, a.n_heads, a.head_dim])
+                    .norm_scalaropt_dim(2, &[-1i64][..], false)
+                    .sum_dim_intlist(&[0i64, 1][..], false, Kind::Double);
+                heads.push(per_head);
+                h = &h + lin(&a.o_proj, &y);
+                let x = layer.post_attention_layernorm.forward(&h);
+                hidden += abs_sum(&x);
+                let act = layer.mlp.act(&x);
+                mlp.push(abs_sum(&act));
+                h = &h + lin(&layer.mlp.down_proj, &act);
+            }
+            hidden += abs_sum(&self.norm.forward(&h));
+            Ok(ActivationSums {
+                mlp,
+                heads,
+                hidden,
+                tokens: b * t,
+            })
+        })
     }
 }

@@ -113,9 +113,45 @@ def resave_config(model_dir, out_dir):
     print(json.dumps(c.rope_parameters))
 
 
+def activation_importance(model_dir, out):
+    """Minitron activation importances of a saved model on the fixed ids 0..15 ((7i+3) mod V), in
+    f64 from transformers' own modules through hooks: per layer the mean |down_proj input| per
+    channel and the mean L2 norm of each head's slice of the o_proj input; the mean over tokens of
+    every RMSNorm output's |channel|, summed over the norms."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    c = m.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    ids = torch.tensor([[(7 * i + 3) % c.vocab_size for i in range(16)]])
+    found = {"hidden": torch.zeros(c.hidden_size, dtype=torch.float64)}
+
+    def norm_hook(mod, inp, outp):
+        found["hidden"] += outp.abs().mean(dim=(0, 1))
+
+    for i, layer in enumerate(m.model.layers):
+        def down(mod, inp, i=i):
+            found[f"mlp.{i}"] = inp[0].abs().mean(dim=(0, 1))
+
+        def o(mod, inp, i=i):
+            b, t, _ = inp[0].shape
+            found[f"heads.{i}"] = inp[0].view(b, t, -1, hd).norm(dim=-1).mean(dim=(0, 1))
+
+        layer.mlp.down_proj.register_forward_pre_hook(down)
+        layer.self_attn.o_proj.register_forward_pre_hook(o)
+        layer.input_layernorm.register_forward_hook(norm_hook)
+        layer.post_attention_layernorm.register_forward_hook(norm_hook)
+    m.model.norm.register_forward_hook(norm_hook)
+    with torch.no_grad():
+        m(ids)
+    save_file({k: v.float().contiguous() for k, v in found.items()}, out)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"logits": logits, "perplexity": perplexity, "tokenize": tokenize,
      "gguf_quant_file": gguf_quant_file, "random_model_logits": random_model_logits,
-     "resave_config": resave_config}[cmd](*args)
+     "resave_config": resave_config,
+     "activation_importance": activation_importance}[cmd](*args)
