@@ -102,6 +102,11 @@ pub fn run(cmd: StoreCommand, device: tch::Device) -> Result<()> {
                 "{} positions in {} sequences at T = {}",
                 v.positions, v.sequences, h.selection.temperature
             );
+            if h.selection.tail_samples > 0 {
+                println!(
+                    "(tail draws: the drawn tokens hold estimates m·c/n, not p; KL(reduced), top-1 and |Δ log p| below compare them with the exact p, i.e. measure the draws' noise, and KL(full ‖ reconstructed) gives the undrawn tokens nothing)"
+                );
+            }
             println!("captured mass             {:.4}", v.captured_mass);
             println!(
                 "KL(full ‖ reconstructed)  {:.4} nats (tail spread evenly)",
