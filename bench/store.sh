@@ -56,6 +56,7 @@ run python bench/reference_step.py --teacher "$BW/teacher" --student "$BW/studen
 run "$B" --threads "$T" bench step --teacher "$BW/teacher" --student "$BW/student" --batch 4 --seq 512 --steps 3 --chunk 512 --json "$W/step-live.json" >/dev/null
 rm -rf "$W/step-store"
 run "$B" --threads "$T" bench step --teacher "$BW/teacher" --student "$BW/student" --batch 4 --seq 512 --steps 3 --chunk 512 --store "$W/step-store" --json "$W/step-store.json" >/dev/null
+run "$B" --threads "$T" bench step --teacher "$BW/teacher" --student "$BW/student" --batch 4 --seq 512 --steps 3 --chunk 128 --store "$W/step-store" --json "$W/step-store-c128.json" >/dev/null
 
 python - "$W" <<'PY'
 import json, sys, os, glob
@@ -81,10 +82,10 @@ for f in ("live", "from-store-topk", "from-store-sampled"):
     recs = [json.loads(l) for l in open(os.path.join(w, f, "metrics.jsonl"))]
     s = [r for r in recs if r["kind"] == "summary"][0]
     print(f"{f}: run wall time {s['seconds']:.0f} s")
-ref, on, sto = j("step-pytorch.json"), j("step-live.json"), j("step-store.json")
+ref, on, sto, c128 = j("step-pytorch.json"), j("step-live.json"), j("step-store.json"), j("step-store-c128.json")
 print("\nStep: batch 4 × 512, median of 3 steps after 1 warm-up\n")
 print("| implementation | tokens/s | vs PyTorch | peak RSS (MiB) | vs PyTorch |")
 print("|---|---|---|---|---|")
-for r in (ref, on, sto):
+for r in (ref, on, sto, c128):
     print(f"| {r['implementation']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s']/ref['tokens_per_s']:.2f}x | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib']/ref['peak_rss_mib']:.2f}x |")
 PY
