@@ -13,22 +13,11 @@ use distill::model::{self, Arch, LlamaConfig, LoadedModel, Tokenizer};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 /// Run tests/python/gguf_write_ref.py with `args`.
 fn gguf_py(args: &[&str]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/gguf_write_ref.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "gguf_write_ref.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_script("gguf_write_ref.py", args);
 }
 
 /// llama.cpp's CPU library (the llama-cpp-cffi wheel unpacked by scripts/get-llama-cpp.sh, which

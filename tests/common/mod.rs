@@ -24,7 +24,14 @@ pub fn python() -> PathBuf {
 
 /// Run tests/python/reference.py with `args`; its stdout.
 pub fn reference(args: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/reference.py");
+    python_script("reference.py", args)
+}
+
+/// Run the script tests/python/NAME with `args` (it must succeed); its stdout.
+pub fn python_script(name: &str, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name);
     let out = Command::new(python())
         .arg(script)
         .args(args)
@@ -32,7 +39,7 @@ pub fn reference(args: &[&str]) -> String {
         .expect("python runs");
     assert!(
         out.status.success(),
-        "reference.py {args:?} failed:\n{}",
+        "{name} {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
