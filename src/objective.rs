@@ -337,7 +337,10 @@ impl Objective {
             Some(TeacherDist::Sparse(_)) => (Some(student.shallow_clone()), None),
             None => (None, None),
         };
-        let mut total = Tensor::f_zeros([], (Kind::Float, student.device()))?;
+        // f32 for training's f32/bf16 logits; f64 when the student's logits are f64 (the tests'
+        // references), so that the sum does not round what the terms computed in f64
+        let kind = crate::losses::compute_kind(student);
+        let mut total = Tensor::f_zeros([], (kind, student.device()))?;
         let mut parts = Vec::with_capacity(self.terms.len());
         for (loss, weight) in &self.terms {
             if Self::reads_hidden(loss.as_ref()) {
@@ -371,7 +374,7 @@ impl Objective {
             } else {
                 loss.compute(&input)
             }?
-            .f_to_kind(Kind::Float)?;
+            .f_to_kind(kind)?;
             total = total.f_add(&value.f_mul_scalar(*weight)?)?;
             parts.push(value.f_detach()?);
         }
