@@ -9,6 +9,7 @@ mod demo;
 mod eval;
 mod generate;
 mod inspect;
+mod prune;
 mod prune_width;
 mod store;
 mod train;
@@ -60,6 +61,9 @@ enum Command {
     },
     /// A narrower student (hidden size, MLP size, heads) from a teacher's most important channels
     PruneWidth(prune_width::Args),
+    /// Choose a student's layers by how little runs of the teacher's layers change its hidden
+    /// state on calibration text, and write the student
+    Prune(prune::Args),
     /// Compare a teacher's and a student's vocabularies (tokens, padding rows, ids, chat
     /// templates) before any training; exit 2 when they cannot be distilled
     Check(check::Args),
@@ -172,6 +176,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Eval(args) => eval::run(args, device),
                 Command::Check(args) => check::run(args, device),
                 Command::PruneWidth(args) => prune_width::run(args, device),
+                Command::Prune(args) => prune::run(args, device),
                 Command::Bench(cmd) => bench::run(cmd, device),
                 Command::Store(cmd) => store::run(cmd, device),
                 Command::Convert {

@@ -198,6 +198,24 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// h' = h + attn(rmsnorm(h)); h'' = h' + mlp(rmsnorm(h')). (B, T, d) → (B, T, d).
+    fn forward(
+        &self,
+        h: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: &AttnMask,
+    ) -> Result<Tensor> {
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(h), rope, cache, mask);
+        // not `+=`: that adds in place into a tensor autograd saved for backward
+        let h = h.f_add(&a)?;
+        Ok(&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)))
+    }
+}
+
 enum AttnMask {
     /// plain causal attention among the new tokens (no cached prefix, no binding window)
     Causal,
@@ -520,15 +538,7 @@ impl Llama {
         let mut kept: Vec<Option<Tensor>> = keep.iter().map(|_| None).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = layer
-                .self_attn
-                .forward(&layer.input_layernorm.forward(&h), &rope, slot, &mask);
-            // not `+=`: that adds in place into a tensor autograd saved for backward
-            h = h.f_add(&a)?;
-            h = &h
-                + layer
-                    .mlp
-                    .forward(&layer.post_attention_layernorm.forward(&h));
+            h = layer.forward(&h, &rope, slot, &mask)?;
             for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &l)| l == i) {
                 *slot = Some(h.shallow_clone());
             }
@@ -540,6 +550,40 @@ impl Llama {
             last: self.norm.forward(&h),
             layers: kept.into_iter().flatten().collect(),
         })
+    }
+
+    /// The residual stream through the decoder layers listed in `layers` (indices into this
+    /// model's layers, run in the order given), from one pass: h_0 = embed(ids),
+    /// then h_k = the output of layer `layers[k-1]`, before the final norm; `layers.len() + 1`
+    /// tensors (B, T, d). With every layer in order, these are transformers' `hidden_states`
+    /// (output_hidden_states=True) except the last, which transformers gives after the final norm.
+    /// A list that skips layers runs the model those layers were cut from (what a student made of
+    /// them computes).
+    pub fn residual_stream(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        if let Some(&bad) = layers.iter().find(|&&l| l >= self.layers.len()) {
+            return Err(Error::Invalid(format!(
+                "residual stream through layer {bad} asked for, the model has layers 0..{}",
+                self.layers.len().saturating_sub(1)
+            )));
+        }
+        let (_b, t) = self.check_ids(ids)?;
+        if t as usize > self.config.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "sequence of {t} positions exceeds the model's context of {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = ids.to_kind(Kind::Int64).to_device(self.device);
+        let (rope, mask) = (self.rope(0, t), self.mask(0, t));
+        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?
+            .f_to_kind(self.compute)?; // (B, T, d)
+        let mut out = Vec::with_capacity(layers.len() + 1);
+        out.push(h.shallow_clone());
+        for &i in layers {
+            h = self.layers[i].forward(&h, &rope, None, &mask)?;
+            out.push(h.shallow_clone());
+        }
+        Ok(out)
     }
 
     /// The output head: logits (…, V) of normed hidden states (…, d).

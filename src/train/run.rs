@@ -93,6 +93,8 @@ struct Setup {
     state: TrainState,
     start: Start,
     teacher_checksum: Vec<f64>,
+    /// how the student's layers were chosen, when measured
+    pruning: Option<student::Pruning>,
     /// the teacher's distribution in the student's ids, and what the check found
     vocab: VocabMap,
     vocab_report: VocabReport,
@@ -202,17 +204,18 @@ fn check_output_apart(cfg: &RunConfig) -> Result<()> {
 /// What the result depends on, key by key: a checkpoint records it and a resume must match it.
 /// Logging, evaluation and checkpoint cadence, threads, the device and the output folder are left
 /// out: they do not change the weights (the device changes the last bits only).
-fn fingerprint_of(cfg: &RunConfig, ds: &Dataset, total: usize) -> fingerprint::Fingerprint {
+fn fingerprint_of(
+    cfg: &RunConfig,
+    ds: &Dataset,
+    total: usize,
+    student: &str,
+) -> fingerprint::Fingerprint {
     let mut data = crate::fingerprint::Fnv64::default();
     for s in ds.train.iter().chain(&ds.validation) {
         data.u32s(&s.ids).f32s(&s.weights);
     }
     let d = &cfg.data;
     let o = &cfg.optim;
-    let student = match &cfg.student.init {
-        StudentInit::Path(p) => p.display().to_string(),
-        StudentInit::FromTeacher { layers } => format!("teacher layers {layers:?}"),
-    };
     let losses: Vec<String> = cfg
         .losses
         .iter()
@@ -234,7 +237,7 @@ fn fingerprint_of(cfg: &RunConfig, ds: &Dataset, total: usize) -> fingerprint::F
             ),
         ),
         ("teacher.dtype", cfg.teacher.dtype.name().to_string()),
-        ("student", student),
+        ("student", student.to_string()),
         ("student.dtype", cfg.student.dtype.name().to_string()),
         ("data.train", d.train.display().to_string()),
         (
@@ -295,19 +298,35 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         }
         None => None,
     };
-    let mut student =
-        match (&cfg.student.init, &teacher) {
-            (StudentInit::Path(p), _) => {
-                model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
-            }
-            (StudentInit::FromTeacher { layers }, Some(t)) => {
-                student::from_teacher_layers(t, layers, device)?
-            }
-            (StudentInit::FromTeacher { .. }, None) => return Err(Error::Invalid(
+    // the student's source as the fingerprint and run.json say it; layers chosen by similarity are
+    // measured now (again on a resume: the same teacher and text choose the same layers)
+    let mut pruning = None;
+    let mut student = match (&cfg.student.init, &teacher) {
+        (StudentInit::Path(p), _) => {
+            model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
+        }
+        (StudentInit::FromTeacher { layers }, Some(t)) => {
+            student::from_teacher_layers(t, layers, device)?
+        }
+        (
+            StudentInit::Similarity {
+                options,
+                calibration,
+            },
+            Some(t),
+        ) => {
+            let p = choose_layers(t, options, calibration)?;
+            let s = student::from_teacher_layers(t, &p.kept, device)?;
+            pruning = Some(p);
+            s
+        }
+        (StudentInit::FromTeacher { .. } | StudentInit::Similarity { .. }, None) => {
+            return Err(Error::Invalid(
                 "student.from_teacher: needs the teacher model (teacher.path), not only its store"
                     .into(),
-            )),
-        };
+            ))
+        }
+    };
     student.model.set_compute_kind(cfg.student.dtype.kind());
     if let Some(teacher) = teacher.as_mut() {
         // a teacher is only run: its weights take its dtype; a student keeps f32 master weights
@@ -436,9 +455,10 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             &cfg.losses,
             &student.model.config,
             &t.model.config,
-            match &cfg.student.init {
-                StudentInit::FromTeacher { layers } => Some(layers.as_slice()),
-                StudentInit::Path(_) => None,
+            match (&cfg.student.init, &pruning) {
+                (StudentInit::FromTeacher { layers }, _) => Some(layers.as_slice()),
+                (StudentInit::Similarity { .. }, Some(p)) => Some(p.kept.as_slice()),
+                (StudentInit::Similarity { .. }, None) | (StudentInit::Path(_), _) => None,
             },
             cfg.run.seed,
             device,
@@ -481,7 +501,14 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         opt.add(&p.vs)?;
     }
     let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
-    let fingerprint = fingerprint_of(cfg, &ds, total);
+    // what the student is made of: the layers, however they were chosen
+    let student_source = match (&cfg.student.init, &pruning) {
+        (StudentInit::Path(p), _) => p.display().to_string(),
+        (StudentInit::FromTeacher { layers }, _) => format!("teacher layers {layers:?}"),
+        (StudentInit::Similarity { .. }, Some(p)) => format!("teacher layers {:?}", p.kept),
+        (StudentInit::Similarity { .. }, None) => unreachable!("measured above"),
+    };
+    let fingerprint = fingerprint_of(cfg, &ds, total, &student_source);
     let mut state = TrainState {
         step: 0,
         total_steps: total,
@@ -562,11 +589,20 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             &Batch::new(&ds.validation, &first, device)?,
         )?;
     }
+    // shown once every check has passed (a refused run prints one line)
+    if let Some(p) = &pruning {
+        if opts.progress {
+            eprint!("{}", p.table());
+        } else {
+            tracing::info!("{}", p.table());
+        }
+    }
     let teacher_checksum = match &teacher {
         Some(t) => weight_checksums(&t.vs)?,
         None => vec![],
     };
     Ok(Setup {
+        pruning,
         vocab,
         vocab_report,
         teacher_checksum,
@@ -584,13 +620,42 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     })
 }
 
+/// The layers `[student] from_teacher = { keep = N, method = "similarity", … }` asks for, measured
+/// on the teacher (f32, before its dtype is set).
+fn choose_layers(
+    teacher: &LoadedModel,
+    options: &student::PruneOptions,
+    calibration: &student::Calibration,
+) -> Result<student::Pruning> {
+    let k = "student.from_teacher";
+    let layers = teacher.model.config.num_hidden_layers;
+    student::prune::check_keep(options.keep, layers)
+        .map_err(|m| Error::Invalid(format!("{k}.keep = {}: {m}", options.keep)))?;
+    let t = Instant::now();
+    let p = student::choose_layers(teacher, options, calibration)
+        .map_err(|e| Error::Invalid(format!("{k}.calibration: {e}")))?;
+    tracing::info!(
+        "chose layers {:?} in {:.1}s",
+        p.kept,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(p)
+}
+
 // ---------------------------------------------------------------- 2. before
 
 fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
     let sc = &s.student.model.config;
-    let student_source = match &cfg.student.init {
-        StudentInit::Path(p) => format!("`{}`", p.display()),
-        StudentInit::FromTeacher { layers } => format!("teacher layers {layers:?}"),
+    let student_source = match (&cfg.student.init, &s.pruning) {
+        (StudentInit::Path(p), _) => format!("`{}`", p.display()),
+        (StudentInit::FromTeacher { layers }, _) => format!("teacher layers {layers:?}"),
+        (StudentInit::Similarity { calibration, .. }, Some(p)) => format!(
+            "teacher layers {:?}, chosen by similarity ({}) on `{}`",
+            p.kept,
+            p.strategy,
+            calibration.path.display()
+        ),
+        (StudentInit::Similarity { .. }, None) => unreachable!("measured at set-up"),
     };
     json!({
         "run_file": opts.run_file.as_ref().map(|p| p.display().to_string()),
@@ -624,6 +689,7 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "threads": tch::get_num_threads(),
         "fingerprint": s.state.fingerprint,
         "vocab": {"summary": s.vocab_report.summary(), "check": s.vocab_report},
+        "pruning": s.pruning,
     })
 }
 

@@ -148,10 +148,54 @@ def activation_importance(model_dir, out):
     save_file({k: v.float().contiguous() for k, v in found.items()}, out)
 
 
+def angular_distances(model_dir, windows_json):
+    """d(i, j) = mean over tokens of arccos(cos(h_i, h_j)) / pi for the residual stream h_0..h_L of
+    transformers' model (output_hidden_states=True; the last one taken before the final norm), over
+    every token of every window; printed as a JSON matrix (L+1) x (L+1). f64 from the f32 states."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # transformers replaces the last hidden state by the normed one unless told not to
+    m.config.tie_last_hidden_states = False
+    n = m.config.num_hidden_layers + 1
+    sums = np.zeros((n, n))
+    tokens = 0
+    for w in json.load(open(windows_json)):
+        with torch.no_grad():
+            out = m.model(torch.tensor([w]), output_hidden_states=True)
+        hs = [h[0].double().numpy() for h in out.hidden_states]
+        assert len(hs) == n
+        assert not np.allclose(hs[-1], out.last_hidden_state[0].double().numpy())
+        for i in range(n):
+            for j in range(n):
+                a, b = hs[i], hs[j]
+                cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+                sums[i, j] += np.arccos(np.clip(cos, -1.0, 1.0)).sum()
+        tokens += len(w)
+    print(json.dumps((sums / (np.pi * tokens)).tolist()))
+
+
+def pruned_logits(model_dir, layers_json, out):
+    """Logits of transformers' model with only the listed decoder layers (in that order), on the ids
+    (7i + 3) mod vocab, i < 16."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layers = json.load(open(layers_json))
+    m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in layers])
+    m.config.num_hidden_layers = len(layers)
+    vocab = m.config.vocab_size
+    ids = torch.tensor([[(7 * i + 3) % vocab for i in range(16)]])
+    with torch.no_grad():
+        save_file({"logits": m(ids, use_cache=False).logits[0].contiguous()}, out)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     cmd, args = sys.argv[1], sys.argv[2:]
     {"logits": logits, "perplexity": perplexity, "tokenize": tokenize,
      "gguf_quant_file": gguf_quant_file, "random_model_logits": random_model_logits,
      "resave_config": resave_config,
-     "activation_importance": activation_importance}[cmd](*args)
+     "activation_importance": activation_importance, "angular_distances": angular_distances,
+     "pruned_logits": pruned_logits}[cmd](*args)
