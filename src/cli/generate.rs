@@ -1,16 +1,30 @@
 //! `distill generate MODEL --prompt TEXT`: stream a continuation (or a chat answer) to stdout.
-use anyhow::{Context, Result};
-use distill::generate::{generate, GenerateOptions};
+//! `distill generate MODEL --prompts FILE.jsonl [--batch N] [--out OUT.jsonl]`: answer every
+//! prompt of a file, N at a time in one batch, one JSON line each, in the file's order.
+use anyhow::{bail, Context, Result};
+use distill::data::prompts::{self, Prompt};
+use distill::generate::{generate, generate_batch, GenerateOptions, SplitMix64};
 use distill::model::{LoadedModel, Message};
+use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(clap::Args)]
 #[command(allow_negative_numbers = true)]
 pub struct Args {
     model: PathBuf,
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// A JSONL file of prompts ({"prompt"} or {"messages"}, optionally with "answer")
     #[arg(long)]
-    prompt: String,
+    prompts: Option<PathBuf>,
+    /// With --prompts: how many prompts generate together (one padded batch)
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// With --prompts: write the JSONL here instead of stdout
+    #[arg(long, requires = "prompts")]
+    out: Option<PathBuf>,
     /// Wrap the prompt as a user turn with the model's chat template
     #[arg(long)]
     chat: bool,
@@ -26,6 +40,9 @@ pub struct Args {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Never stop at an end-of-sequence token: every answer gets --max-new-tokens (benchmarks)
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 pub fn run(a: Args, device: tch::Device) -> Result<()> {
@@ -35,9 +52,87 @@ pub fn run(a: Args, device: tch::Device) -> Result<()> {
         temperature: a.temperature,
         top_p: a.top_p,
         seed: a.seed,
-        stop_ids: stop_ids(&m),
+        stop_ids: if a.ignore_eos { vec![] } else { stop_ids(&m) },
     };
-    answer(&m, &a.prompt, a.chat, a.system.as_deref(), &opts)?;
+    match (&a.prompt, &a.prompts) {
+        (Some(p), _) => {
+            answer(&m, p, a.chat, a.system.as_deref(), &opts)?;
+        }
+        (None, Some(file)) => {
+            if a.system.is_some() {
+                bail!("--system goes with --prompt; in a prompt file, give a system message in \"messages\"");
+            }
+            if a.batch == 0 {
+                bail!("--batch must be at least 1");
+            }
+            let tok = m.tokenizer.as_ref().context("the model has no tokenizer")?;
+            let ps = prompts::read(file, tok, a.chat)?;
+            let mut out: Box<dyn Write> = match &a.out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            answer_all(&m, &ps, a.batch, &opts, &mut out)?;
+            out.flush()?;
+        }
+        (None, None) => unreachable!("clap requires one"),
+    }
+    Ok(())
+}
+
+/// Row `index`'s sampling seed: a SplitMix64 draw from the run's seed and the prompt's index, so
+/// a prompt's sample does not depend on the batch it lands in.
+pub fn row_seed(seed: u64, index: usize) -> u64 {
+    SplitMix64::new(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
+}
+
+/// Every prompt, `batch` at a time; one JSON line per prompt, in order; the throughput to stderr.
+fn answer_all(
+    m: &LoadedModel,
+    ps: &[Prompt],
+    batch: usize,
+    opts: &GenerateOptions,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let tok = m.tokenizer.as_ref().context("the model has no tokenizer")?;
+    let started = Instant::now();
+    let mut new_tokens = 0usize;
+    for (c, chunk) in ps.chunks(batch).enumerate() {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
+        let seeds: Vec<u64> = (0..chunk.len())
+            .map(|k| row_seed(opts.seed, c * batch + k))
+            .collect();
+        let gen =
+            generate_batch(&m.model, &ids, &seeds, opts, |_, _| Ok(())).with_context(|| {
+                format!(
+                    "prompts of lines {}..={}",
+                    chunk[0].line,
+                    chunk[chunk.len() - 1].line
+                )
+            })?;
+        for (p, g) in chunk.iter().zip(gen) {
+            new_tokens += g.tokens.len();
+            let mut rec = json!({
+                "line": p.line,
+                "prompt": p.text,
+                "completion": tok.decode(&g.tokens, true)?,
+                "tokens": g.tokens.len(),
+                "finish": g.finish.as_str(),
+            });
+            if let Some(a) = &p.answer {
+                rec["answer"] = json!(a);
+            }
+            writeln!(out, "{rec}")?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "generated {new_tokens} tokens for {} prompts in {secs:.1} s ({:.1} tokens/s, batch {batch})",
+        ps.len(),
+        new_tokens as f64 / secs.max(1e-9)
+    );
     Ok(())
 }
 

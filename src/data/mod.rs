@@ -6,6 +6,7 @@ pub mod batch;
 pub mod config;
 pub mod jsonl;
 pub mod packing;
+pub mod prompts;
 pub mod sampler;
 pub mod text;
 

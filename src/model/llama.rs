@@ -484,6 +484,38 @@ impl Llama {
         AttnMask::Explicit(m)
     }
 
+    /// RoPE tables (B, 1, T, hd) at each row's own positions (slot − pad, from 0 at its first real
+    /// token) and the mask (B, 1, T, S) for slots start..start+T of left-padded rows: causal, real
+    /// keys only, within the sliding window when there is one, and each slot sees itself.
+    fn padded_rope_and_mask(
+        &self,
+        pad: &Tensor,
+        start: i64,
+        t: i64,
+    ) -> ((Tensor, Tensor), AttnMask) {
+        let total = start + t;
+        let slots = Tensor::arange_start(start, total, (Kind::Int64, self.device)); // (T)
+        let pos = (slots.unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0); // (B, T)
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]); // (B, T, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // (B, 1, T, hd)
+        let rope = (
+            emb.cos().to_kind(self.compute),
+            emb.sin().to_kind(self.compute),
+        );
+        let rows = slots.view([1, 1, t, 1]);
+        let cols = Tensor::arange(total, (Kind::Int64, self.device)).view([1, 1, 1, total]);
+        let mut m = cols
+            .le_tensor(&rows)
+            .logical_and(&cols.ge_tensor(&pad.view([-1, 1, 1, 1]))); // (B, 1, T, S)
+        if let Some(w) = self.config.sliding_window.map(|w| w as i64) {
+            m = m.logical_and(&cols.gt_tensor(&(&rows - w)));
+        }
+        (
+            rope,
+            AttnMask::Explicit(m.logical_or(&cols.eq_tensor(&rows))),
+        )
+    }
+
     fn check_ids(&self, ids: &Tensor) -> Result<(i64, i64)> {
         let (b, t) = match ids.size().as_slice() {
             &[b, t] if t > 0 && b > 0 => (b, t),
@@ -515,15 +547,30 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         keep: &[usize],
     ) -> Result<TrunkOutput> {
+        self.trunk_padded(ids, cache.as_deref_mut(), keep, None)
+    }
+
+    /// The trunk over rows left-padded by `pad` (B) slots each (None: no padding). A padded row's
+    /// first real token is at position 0 (its positions are slot − pad); its queries see only its
+    /// real keys, and a padding slot sees only itself (so that no row's attention is empty: an
+    /// empty softmax is NaN, and 0·NaN would reach the real rows through the values).
+    fn trunk_padded(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        keep: &[usize],
+        pad: Option<&Tensor>,
+    ) -> Result<TrunkOutput> {
         if let Some(&bad) = keep.iter().find(|&&l| l >= self.layers.len()) {
             return Err(Error::Invalid(format!(
                 "hidden state of layer {bad} asked for, the model has layers 0..{}",
                 self.layers.len().saturating_sub(1)
             )));
         }
-        let (_b, t) = self.check_ids(ids)?;
+        let (b, t) = self.check_ids(ids)?;
         let start = cache.as_ref().map_or(0, |c| c.len);
-        if (start + t) as usize > self.config.max_position_embeddings {
+        // a padded batch's caller keeps each row within the context (its slots run past it)
+        if pad.is_none() && (start + t) as usize > self.config.max_position_embeddings {
             return Err(Error::Invalid(format!(
                 "sequence of {} positions exceeds the model's context of {}",
                 start + t,
@@ -531,8 +578,19 @@ impl Llama {
             )));
         }
         let ids = ids.to_kind(Kind::Int64).to_device(self.device);
-        let rope = self.rope(start, t);
-        let mask = self.mask(start, t);
+        let (rope, mask) = match pad {
+            None => (self.rope(start, t), self.mask(start, t)),
+            Some(pad) => {
+                let pad = pad.to_kind(Kind::Int64).to_device(self.device);
+                if pad.size() != [b] {
+                    return Err(Error::Shape(format!(
+                        "model forward: 'pad' has shape {:?}, expected [{b}]",
+                        pad.size()
+                    )));
+                }
+                self.padded_rope_and_mask(&pad, start, t)
+            }
+        };
         let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?
             .f_to_kind(self.compute)?; // (B, T, d)
         let mut kept: Vec<Option<Tensor>> = keep.iter().map(|_| None).collect();
@@ -621,6 +679,20 @@ impl Llama {
     /// Incremental forward: `ids` continue the sequence held in `cache`, which is extended.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.head(&self.trunk(ids, Some(cache), &[])?.last)
+    }
+
+    /// Incremental forward over left-padded rows: row b's first `pad[b]` slots (of the cache and,
+    /// at the first call, of `ids`) are padding, which no real token sees; positions count from
+    /// each row's first real token. The last position's logits of each row, (B, V), for
+    /// generation.
+    pub fn forward_padded_last(
+        &self,
+        ids: &Tensor,
+        pad: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let out = self.trunk_padded(ids, Some(cache), &[], Some(pad))?;
+        self.head(&out.last.f_select(1, -1)?)
     }
 }
 
