@@ -182,6 +182,28 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
     if let Some(a) = record(records, "eval", None).filter(|r| r["step"].as_u64() != Some(0)) {
         o += &row("after", a);
     }
+    let last = record(records, "eval", None);
+    if last.is_some_and(|r| r.get("onpolicy").is_some()) {
+        o += "\nOn the student's own continuations of the validation prompts (`[onpolicy]`; the \
+              exposure-bias measure: the teacher judging what the student writes):\n\n\
+              | | student ppl | teacher ppl | KL(teacher‖student)/token | top-1 agreement |\n|---|---|---|---|---|\n";
+        if let Some(b) = record(records, "eval", Some(0)).filter(|r| r.get("onpolicy").is_some()) {
+            o += &row("before", &b["onpolicy"]);
+        }
+        if let Some(a) = last.filter(|r| r["step"].as_u64() != Some(0)) {
+            o += &row("after", &a["onpolicy"]);
+        }
+        if let Some(samples) = last.and_then(|r| r["samples"].as_array()) {
+            o += &format!("\nSamples at step {}:\n\n", s(&last.unwrap()["step"]));
+            for x in samples {
+                o += &format!(
+                    "```text\n{}⟨student⟩{}\n```\n\n",
+                    s(&x["prompt"]),
+                    s(&x["sample"])
+                );
+            }
+        }
+    }
     if let Some(sum) = record(records, "summary", None) {
         o += &format!(
             "\nSkipped steps (non-finite loss or gradient): {}. Wall time: {} s.\n\n",

@@ -5,6 +5,7 @@
 //!   [data]    → data::DataFile          [[loss]]  → objective::LossTerm (kinds from losses::registry)
 //!   [optim]   → train::optim::OptimFile [run]     → train::options::RunSection
 //!   [capture] → teacher::store::config::CaptureFile
+//!   [onpolicy] → train::onpolicy::OnPolicyFile
 //! This module only composes them, applies `--set` overrides, and turns a problem into one line that
 //! names the user's file and line (`run.toml:12: optim.lr: must be positive`), or the `--set` that
 //! caused it.
@@ -17,6 +18,7 @@ use crate::objective::LossTerm;
 use crate::student::{StudentConfig, StudentFile};
 use crate::teacher::config::{TeacherConfig, TeacherFile};
 use crate::teacher::store::config::{CaptureConfig, CaptureFile};
+use crate::train::onpolicy::{OnPolicy, OnPolicyFile};
 use crate::train::optim::{OptimConfig, OptimFile};
 use crate::train::options::{RunOptions, RunSection};
 use crate::{Error, Result};
@@ -65,6 +67,7 @@ pub struct RunFile {
     pub run: RunSection,
     #[serde(default)]
     pub capture: CaptureFile,
+    pub onpolicy: Option<OnPolicyFile>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +79,8 @@ pub struct RunConfig {
     pub optim: OptimConfig,
     pub run: RunOptions,
     pub capture: CaptureConfig,
+    /// `[onpolicy]`: a share of steps on the student's own samples (GKD)
+    pub onpolicy: Option<OnPolicy>,
 }
 
 impl RunConfig {
@@ -140,8 +145,23 @@ impl RunConfig {
             f.data.resolve(paths)?,
         );
         let (optim, run) = (f.optim.resolve()?, f.run.resolve(paths)?);
+        if f.onpolicy.is_some() {
+            if teacher.path.is_none() {
+                return Err(issue(
+                    "onpolicy",
+                    "needs the teacher model (teacher.path): no store holds the student's samples",
+                ));
+            }
+            if teacher.write_back {
+                return Err(issue(
+                    "teacher.write_back",
+                    "cannot go with [onpolicy]: the rows would be the student's samples",
+                ));
+            }
+        }
         Ok(RunConfig {
             capture: f.capture.resolve(&losses)?,
+            onpolicy: f.onpolicy.as_ref().map(OnPolicyFile::resolve).transpose()?,
             teacher,
             student,
             data,

@@ -1,10 +1,12 @@
 //! Training: the recipe in phases (`run`), one micro-step (`step`), the optimizer and schedules
 //! (`optim`), the `[run]` options (`options`), the output folder (`output`), checkpoints
 //! (`checkpoint`), the state a checkpoint carries (`state`), the hidden-state terms' layer maps and
-//! projections (`hidden`) and the fault-test hooks (`faults`).
+//! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`) and the
+//! fault-test hooks (`faults`).
 pub mod checkpoint;
 pub mod faults;
 pub mod hidden;
+pub mod onpolicy;
 pub mod optim;
 pub mod options;
 pub mod output;

@@ -98,6 +98,8 @@ struct Setup {
     /// the teacher's distribution in the student's ids, and what the check found
     vocab: VocabMap,
     vocab_report: VocabReport,
+    /// the ids that end a student's sample (on-policy steps)
+    stop_ids: Vec<u32>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -132,7 +134,7 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 m.teacher_ppl,
                 m.kl
             );
-            out.metric(&eval_record(0, &m))?;
+            out.metric(&eval_record(cfg, &s, 0, &m)?)?;
             Some(m)
         }
     };
@@ -273,6 +275,7 @@ fn fingerprint_of(
         ("optim.micro_batch", o.micro_batch.to_string()),
         ("optim.loss_chunk", o.loss_chunk.to_string()),
         ("run.seed", cfg.run.seed.to_string()),
+        ("onpolicy", format!("{:?}", cfg.onpolicy)),
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
@@ -399,6 +402,8 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         .copied()
         .or_else(|| tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)));
     let ds = data::load(&cfg.data, tok, eos)?;
+    let mut stop_ids = student.model.config.eos_token_ids.clone();
+    stop_ids.extend(tok.eos_token.as_deref().and_then(|e| tok.token_to_id(e)));
     if ds.validation.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: too little data to hold out a validation sequence; give data.validation",
@@ -413,7 +418,10 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     // a store that holds every sequence the run reads makes the live teacher unnecessary (unless
     // writing back)
     if let (Some(st), Some(_)) = (&store, &teacher) {
-        if missing_sequences(st, &ds, cfg, total).0 == 0 && !cfg.teacher.write_back {
+        if missing_sequences(st, &ds, cfg, total).0 == 0
+            && !cfg.teacher.write_back
+            && cfg.onpolicy.is_none()
+        {
             tracing::info!(
                 "the store holds every sequence the run reads: the teacher model is not kept"
             );
@@ -602,6 +610,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         None => vec![],
     };
     Ok(Setup {
+        stop_ids,
         pruning,
         vocab,
         vocab_report,
@@ -799,9 +808,35 @@ fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
     )
 }
 
-fn eval_record(step: usize, m: &DistillMetrics) -> Value {
-    json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
-           "kl": m.kl, "top1": m.top1, "tokens": m.tokens})
+/// The eval record; with `[onpolicy]`, also the exposure-bias measure (the teacher judging the
+/// student's own continuations of the validation prompts) and the first two samples.
+fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> Result<Value> {
+    let mut rec = json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
+           "kl": m.kl, "top1": m.top1, "tokens": m.tokens});
+    if let Some(o) = &cfg.onpolicy {
+        let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
+        let (om, samples) = o.evaluate(
+            teacher.as_ref(),
+            &s.student.model,
+            &s.ds.validation,
+            cfg.optim.micro_batch,
+            cfg.run.seed,
+            &s.stop_ids,
+        )?;
+        rec["onpolicy"] = json!({"student_ppl": om.student_ppl, "teacher_ppl": om.teacher_ppl,
+            "kl": om.kl, "top1": om.top1, "tokens": om.tokens});
+        if let Some(tok) = &s.student.tokenizer {
+            let mut shown = vec![];
+            for q in samples.iter().take(2) {
+                let p = o.prompt_len(q).min(q.ids.len());
+                let n = p + q.counted();
+                shown.push(json!({"prompt": tok.decode(&q.ids[..p], false)?,
+                    "sample": tok.decode(&q.ids[p..n.min(q.ids.len())], false)?}));
+            }
+            rec["samples"] = json!(shown);
+        }
+    }
+    Ok(rec)
 }
 
 // ---------------------------------------------------------------- 3. steps
@@ -843,9 +878,26 @@ fn steps(
             step_opts.poison = faults.poison(step);
         }
         let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
-        for _ in 0..cfg.optim.grad_accum {
+        let on_policy = cfg
+            .onpolicy
+            .as_ref()
+            .filter(|o| o.is_on_policy(cfg.run.seed, step));
+        for micro in 0..cfg.optim.grad_accum {
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
-            let batch = Batch::new(&s.ds.train, &rows, device)?; // (B, T)
+            let batch = match on_policy {
+                // the rows' prompts continued by the student, scored by the teacher
+                Some(o) => o.rollout(
+                    &s.student.model,
+                    &s.ds.train,
+                    &rows,
+                    cfg.run.seed,
+                    step,
+                    micro,
+                    &s.stop_ids,
+                    device,
+                )?,
+                None => Batch::new(&s.ds.train, &rows, device)?, // (B, T)
+            };
             tokens += batch.counted();
             let m = micro_step(
                 &s.student.model,
@@ -899,6 +951,9 @@ fn steps(
             if s.teacher.is_some() && s.store.is_some() {
                 rec["store_fraction"] = json!(s.hybrid.borrow().store_fraction());
             }
+            if cfg.onpolicy.is_some() {
+                rec["on_policy"] = json!(on_policy.is_some());
+            }
             out.metric(&rec)?;
         }
         if let Some(b) = &bar {
@@ -913,7 +968,7 @@ fn steps(
                 m.kl,
                 m.top1
             );
-            out.metric(&eval_record(step, &m))?;
+            out.metric(&eval_record(cfg, s, step, &m)?)?;
             last_eval = Some(m);
         }
         if step == total

@@ -1,0 +1,329 @@
+//! On-policy steps (GKD, `[onpolicy]`) end to end on tiny models: λ = 0 is the off-policy run step
+//! for step; an on-policy step's loss is the divergence over the student's own sampled tokens
+//! (recomputed here in f64 from the same samples); a run killed with on-policy steps resumes
+//! bit-identically; the run file's refusals.
+#![cfg_attr(not(feature = "fault-injection"), allow(dead_code, unused_imports))]
+mod common;
+use common::*;
+use distill::config::RunConfig;
+use distill::data::{self, Sampler, IGNORE_INDEX};
+use distill::model::{self, LlamaConfig, Tokenizer};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = LlamaConfig::tiny(259, 48, 2, 4, 2);
+        cfg.eos_token_ids = vec![256];
+        let save = |seed: i64, scale: f64, name: &str| {
+            let mut m = model::random(&cfg, Device::Cpu, seed).unwrap();
+            tch::no_grad(|| {
+                let mut e = m.vs.variables()["model.embed_tokens.weight"].shallow_clone();
+                let _ = e.f_mul_scalar_(scale).unwrap();
+            });
+            m.tokenizer = Some(Tokenizer::byte_level(SPECIALS).unwrap());
+            m.save_hf(&dir.path().join(name)).unwrap();
+        };
+        save(7, 150.0, "teacher");
+        save(8, 1.0, "student");
+        let words = [
+            "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far",
+        ];
+        let mut x: u64 = 99;
+        let mut text = String::new();
+        for i in 0..3000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text += words[(x >> 33) as usize % words.len()];
+            text += if i % 11 == 10 { ".\n" } else { " " };
+        }
+        std::fs::write(dir.path().join("train.txt"), text).unwrap();
+        Setup { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A run file of `steps` steps; `extra` is appended (e.g. an [onpolicy] section).
+    fn run_file(&self, name: &str, output: &str, steps: usize, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"
+[teacher]
+path = "teacher"
+
+[student]
+path = "student"
+
+[data]
+train = "train.txt"
+seq_len = 32
+validation_fraction = 0.1
+max_validation_sequences = 4
+
+[[loss]]
+kind = "forward_kl"
+
+[optim]
+lr = 3e-3
+warmup_steps = 2
+micro_batch = 4
+
+[run]
+steps = {steps}
+log_every = 1
+eval_every = 10
+checkpoint_every = 4
+threads = 2
+seed = 3
+output = "{output}"
+
+{extra}
+"#
+        );
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+const ONPOLICY: &str = "[onpolicy]\nfraction = 0.5\nprompt_tokens = 8\nmax_new_tokens = 16\n";
+
+fn train_ok(args: &[&str]) {
+    let out = distill(args);
+    assert!(
+        out.status.success(),
+        "distill {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    distill::report::read_metrics(path).unwrap()
+}
+
+fn train_record(recs: &[Value], step: u64) -> Value {
+    recs.iter()
+        .find(|x| x["kind"] == "train" && x["step"] == step)
+        .unwrap()
+        .clone()
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn lambda_zero_is_the_off_policy_run_step_for_step() {
+    let s = Setup::new();
+    let off = s.run_file("off.toml", "off", 8, "");
+    let zero = s.run_file(
+        "zero.toml",
+        "zero",
+        8,
+        "[onpolicy]\nfraction = 0.0\nmax_new_tokens = 8\n",
+    );
+    train_ok(&["train", off.to_str().unwrap()]);
+    train_ok(&["train", zero.to_str().unwrap()]);
+    assert_eq!(
+        weights(&s.path("off/student")),
+        weights(&s.path("zero/student"))
+    );
+    let (a, b) = (
+        records(&s.path("off/metrics.jsonl")),
+        records(&s.path("zero/metrics.jsonl")),
+    );
+    for step in 1..=8 {
+        let (x, y) = (train_record(&a, step), train_record(&b, step));
+        assert_eq!(x["loss"], y["loss"], "step {step}");
+        assert_eq!(y["on_policy"], false);
+    }
+    // the evaluation adds the student's own samples, judged by the teacher
+    let last = b.iter().rev().find(|r| r["kind"] == "eval").unwrap();
+    assert!(last["onpolicy"]["kl"].as_f64().unwrap() > 0.0, "{last}");
+    assert_eq!(last["samples"].as_array().unwrap().len(), 2);
+    let report = std::fs::read_to_string(s.path("zero/report.md")).unwrap();
+    assert!(report.contains("own continuations") && report.contains("⟨student⟩"));
+}
+
+/// KL(p‖q) at T = 1 per position in f64, and the largest |logit| seen.
+fn forward_kl_f64(s: &[f64], t: &[f64], v: usize) -> (f64, f64) {
+    let ls = |x: &[f64]| {
+        let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z = m + x.iter().map(|a| (a - m).exp()).sum::<f64>().ln();
+        x.iter().map(|a| a - z).collect::<Vec<_>>()
+    };
+    let (lq, lp) = (ls(&s[..v]), ls(&t[..v]));
+    let kl = (0..v).map(|i| lp[i].exp() * (lp[i] - lq[i])).sum();
+    let big = s.iter().chain(t).fold(0.0f64, |a, x| a.max(x.abs()));
+    (kl, big)
+}
+
+#[test]
+fn an_on_policy_step_trains_on_the_students_samples_only() {
+    let s = Setup::new();
+    let run = s.run_file(
+        "on.toml",
+        "on",
+        1,
+        "[onpolicy]\nfraction = 1.0\nprompt_tokens = 8\nmax_new_tokens = 16\n",
+    );
+    train_ok(&["train", run.to_str().unwrap()]);
+    let rec = train_record(&records(&s.path("on/metrics.jsonl")), 1);
+    assert_eq!(rec["on_policy"], true);
+    let logged = rec["forward_kl"].as_f64().unwrap();
+
+    // the same samples, drawn here from the untrained student with the run's seed and step
+    let cfg = RunConfig::load(&run, &[]).unwrap();
+    let o = cfg.onpolicy.clone().unwrap();
+    let student = model::load(&s.path("student"), Device::Cpu).unwrap();
+    let teacher = model::load(&s.path("teacher"), Device::Cpu).unwrap();
+    let ds = data::load(&cfg.data, student.tokenizer.as_ref().unwrap(), Some(256)).unwrap();
+    let rows = Sampler::new(ds.train.len(), cfg.run.seed).next_batch(4);
+    let samples = o
+        .samples(&student.model, &ds.train, &rows, cfg.run.seed, 1, 0, &[256])
+        .unwrap();
+    let (mut sum, mut n, mut big, mut differs) = (0.0, 0usize, 0.0f64, false);
+    for (q, &r) in samples.iter().zip(&rows) {
+        let data_row = &ds.train[r];
+        let p = o.prompt_len(data_row);
+        assert_eq!(p, 8, "plain text: the prompt is prompt_tokens long");
+        assert_eq!(
+            &q.ids[..p],
+            &data_row.ids[..p],
+            "the prompt is the row's start"
+        );
+        differs |= q.ids[p..] != data_row.ids[p..];
+        // targets: the sampled tokens only (position t predicts token t + 1)
+        let sampled = q.counted();
+        assert!(sampled >= 1 && sampled <= 16);
+        for t in 0..32 {
+            let target = t + 1 >= p && t + 1 < p + sampled;
+            assert_eq!(q.labels[t] != IGNORE_INDEX, target, "position {t}");
+            if target {
+                assert_eq!(q.labels[t], q.ids[t + 1] as i64);
+            }
+        }
+        let ids =
+            Tensor::from_slice(&q.ids.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let host =
+            |x: Tensor| Vec::<f64>::try_from(&x.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+        let (sl, tl) = tch::no_grad(|| {
+            (
+                host(student.model.forward(&ids).unwrap()),
+                host(teacher.model.forward(&ids).unwrap()),
+            )
+        });
+        for t in (0..32).filter(|&t| q.labels[t] != IGNORE_INDEX) {
+            let (kl, b) = forward_kl_f64(
+                &sl[t * 259..(t + 1) * 259],
+                &tl[t * 259..(t + 1) * 259],
+                259,
+            );
+            sum += kl;
+            n += 1;
+            big = big.max(b);
+        }
+    }
+    assert!(differs, "the student's samples are not the data");
+    let want = sum / n as f64;
+    // f32 log-softmax: each log-probability off by a few ε·(|logit| + ln V); the KL by that much
+    let tol = 16.0 * f32::EPSILON as f64 * (big + 259f64.ln());
+    assert!(
+        (logged - want).abs() <= tol,
+        "{logged} vs {want} (tol {tol})"
+    );
+}
+
+#[test]
+fn the_run_file_refuses_bad_on_policy_settings() {
+    let s = Setup::new();
+    let bad = |extra: &str, needles: &[&str]| {
+        let run = s.run_file("bad.toml", "bad", 4, extra);
+        let out = distill(&["train", run.to_str().unwrap()]);
+        assert_clean_failure(&out, needles);
+    };
+    bad(
+        "[onpolicy]\nfraction = 1.5\n",
+        &["onpolicy.fraction", "[0, 1]"],
+    );
+    bad("[onpolicy]\ntop_p = 0\n", &["onpolicy.top_p"]);
+    bad(
+        "[onpolicy]\nmax_new_tokens = 0\n",
+        &["onpolicy.max_new_tokens"],
+    );
+    bad("[onpolicy]\nlambda = 0.5\n", &["lambda"]);
+    assert!(!s.path("bad").exists(), "nothing written");
+}
+
+fn spawn_train(run: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
+    c.arg("train")
+        .arg(run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+fn last_step(metrics: &Path) -> u64 {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "train")
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+// uses the DISTILL_FAULT_* hooks: built with `--features fault-injection` (scripts/test.sh)
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_run_killed_with_on_policy_steps_resumes_bit_identically() {
+    let s = Setup::new();
+    let full = s.run_file("full.toml", "full", 16, ONPOLICY);
+    train_ok(&["train", full.to_str().unwrap()]);
+    let a = records(&s.path("full/metrics.jsonl"));
+    let on: Vec<bool> = (1..=16)
+        .map(|k| train_record(&a, k)["on_policy"].as_bool().unwrap())
+        .collect();
+    assert!(on.iter().any(|&x| x) && on.iter().any(|&x| !x), "{on:?}");
+    let run = s.run_file("killed.toml", "killed", 16, ONPOLICY);
+    let metrics = s.path("killed/metrics.jsonl");
+    let mut child = spawn_train(&run, &[("DISTILL_FAULT_STEP_DELAY_MS", "60")]);
+    let t = Instant::now();
+    while last_step(&metrics) < 6 {
+        assert!(t.elapsed() < Duration::from_secs(120), "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let reached = last_step(&metrics);
+    assert!(reached < 16, "the run finished before the kill");
+    train_ok(&["train", run.to_str().unwrap(), "--resume"]);
+    assert_eq!(
+        weights(&s.path("killed/student")),
+        weights(&s.path("full/student")),
+        "killed at step {reached}: weights differ"
+    );
+    let b = records(&metrics);
+    for step in 1..=16 {
+        let (x, y) = (train_record(&a, step), train_record(&b, step));
+        assert_eq!(x["loss"], y["loss"], "step {step}");
+        assert_eq!(x["on_policy"], y["on_policy"], "step {step}");
+    }
+}
