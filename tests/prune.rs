@@ -565,9 +565,21 @@ fn cli_errors_are_one_line() {
 
 #[test]
 fn strategies_parse_and_name_themselves() {
-    for s in ["one-shot", "iterative", "iterative:3", "independent"] {
+    for s in [
+        "one-shot",
+        "iterative",
+        "iterative:3",
+        "independent",
+        "perplexity",
+        "perplexity:2",
+    ] {
         assert_eq!(Strategy::parse(s).unwrap().name(), s);
     }
+    assert_eq!(
+        Strategy::parse("perplexity:4").unwrap(),
+        Strategy::Perplexity { candidates: 4 }
+    );
+    assert!(Strategy::parse("perplexity:0").is_err());
     assert_eq!(
         Strategy::parse("iterative:1").unwrap(),
         Strategy::Iterative { block: 1 }
@@ -575,4 +587,77 @@ fn strategies_parse_and_name_themselves() {
     for bad in ["iterative:0", "iterative:x", "", "One-shot"] {
         assert!(Strategy::parse(bad).is_err(), "{bad}");
     }
+}
+
+/// exp(mean NLL) in f64 of every token after the first of each window, from a model's own
+/// full forward pass (the student copied from the teacher's layers, not the teacher run through
+/// some of them).
+fn perplexity_f64(m: &LoadedModel, windows: &[Vec<u32>]) -> f64 {
+    let (mut nll, mut n) = (0.0, 0usize);
+    for w in windows {
+        let ids = Tensor::from_slice(&w.iter().map(|&x| x as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let logits = tch::no_grad(|| m.model.forward(&ids).unwrap());
+        let l = Vec::<f64>::try_from(&logits.to_kind(tch::Kind::Double).flatten(0, -1)).unwrap();
+        let v = l.len() / w.len();
+        for t in 0..w.len() - 1 {
+            let row = &l[t * v..(t + 1) * v];
+            let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+            nll += lse - row[w[t + 1] as usize];
+            n += 1;
+        }
+    }
+    (nll / n as f64).exp()
+}
+
+#[test]
+fn the_perplexity_strategy_judges_the_closest_runs_and_keeps_the_best() {
+    let t = teacher();
+    let w = windows();
+    // 6 → 3 layers, ends kept: the runs 1-3, 2-4 (removing layers 1..=3 or 2..=4)
+    let o = PruneOptions {
+        keep: 3,
+        strategy: Strategy::Perplexity { candidates: 2 },
+        keep_ends: true,
+    };
+    let p = prune::prune(&t.model, &w, &o).unwrap();
+    let c = &p.rounds[0].candidates;
+    assert_eq!(c.len(), 2, "{c:?}");
+    // the judged ones are the two smallest d (here: every candidate), each with the perplexity
+    // of the student copied from the layers left
+    let mut best = (f64::INFINITY, vec![]);
+    for cand in c {
+        let left: Vec<usize> = (0..LAYERS).filter(|l| !cand.layers.contains(l)).collect();
+        let s = student::from_teacher_layers(&t, &left, Device::Cpu).unwrap();
+        let want = perplexity_f64(&s, &w);
+        let got = cand.ppl.expect("judged");
+        // f32 logits: each log-softmax term off by a few ε·(|logit| + ln V), relative to the NLL
+        let tol = 64.0 * f32::EPSILON as f64 * (want.ln() + 259f64.ln() + 10.0);
+        assert!((got.ln() - want.ln()).abs() <= tol, "{got} vs {want}");
+        if want < best.0 {
+            best = (want, left);
+        }
+    }
+    assert_eq!(p.kept, best.1, "{}", p.table());
+    assert!(p.table().contains("calibration ppl"));
+    // with one candidate it is one-shot's choice
+    let one = prune::prune(
+        &t.model,
+        &w,
+        &PruneOptions {
+            strategy: Strategy::Perplexity { candidates: 1 },
+            ..o
+        },
+    )
+    .unwrap();
+    let shot = prune::prune(
+        &t.model,
+        &w,
+        &PruneOptions {
+            strategy: Strategy::OneShot,
+            ..o
+        },
+    )
+    .unwrap();
+    assert_eq!(one.kept, shot.kept);
 }

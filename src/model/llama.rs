@@ -644,6 +644,16 @@ impl Llama {
         Ok(out)
     }
 
+    /// Logits (B, T, V) of the model made of the decoder layers listed in `layers` (run in that
+    /// order): the final norm and the head after `residual_stream`'s last state.
+    pub fn forward_layers(&self, ids: &Tensor, layers: &[usize]) -> Result<Tensor> {
+        let last = self
+            .residual_stream(ids, layers)?
+            .pop()
+            .expect("the embeddings at least");
+        self.head(&self.norm.forward(&last))
+    }
+
     /// The output head: logits (…, V) of normed hidden states (…, d).
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(hidden.f_linear::<Tensor>(&self.lm_head_weight().f_to_kind(hidden.kind())?, None)?)

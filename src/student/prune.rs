@@ -18,6 +18,12 @@
 //!   smallest d on the current model, measure the shortened model again, repeat until N remain.
 //!   One-shot is the case block ≥ L − N.
 //! - `Independent` (ShortGPT): one measurement; remove the L − N layers with the smallest d(l, l+1).
+//! - `Perplexity { candidates: K }`: one measurement; the K runs of L − N layers with the smallest
+//!   d(l, l+n) are each removed in turn and the model left is judged by its perplexity on the same
+//!   calibration windows, exp(mean NLL of every token after the first of a window); the lowest
+//!   wins (the earliest on a tie). d proposes, the perplexity decides: on the demo teacher d ranks
+//!   the good runs first but not in order (BENCHMARKS.md), and K perplexity passes of an N-layer
+//!   model cost about K·N/L of one measurement.
 //!
 //! The default (`Iterative { block: 1 }`, ends kept) is the strategy whose untrained student had
 //! the lowest perplexity on the demo teacher, SmolLM2-135M cut from 30 to 10 layers (BENCHMARKS.md,
@@ -33,6 +39,7 @@ pub enum Strategy {
     OneShot,
     Iterative { block: usize },
     Independent,
+    Perplexity { candidates: usize },
 }
 
 impl Strategy {
@@ -42,10 +49,17 @@ impl Strategy {
             "one-shot" => Ok(Strategy::OneShot),
             "independent" => Ok(Strategy::Independent),
             "iterative" => Ok(Strategy::Iterative { block: 1 }),
-            _ => match s.strip_prefix("iterative:").map(str::parse::<usize>) {
-                Some(Ok(block)) if block >= 1 => Ok(Strategy::Iterative { block }),
+            "perplexity" => Ok(Strategy::Perplexity { candidates: 4 }),
+            _ => match (
+                s.strip_prefix("iterative:").map(str::parse::<usize>),
+                s.strip_prefix("perplexity:").map(str::parse::<usize>),
+            ) {
+                (Some(Ok(block)), _) if block >= 1 => Ok(Strategy::Iterative { block }),
+                (_, Some(Ok(candidates))) if candidates >= 1 => {
+                    Ok(Strategy::Perplexity { candidates })
+                }
                 _ => Err(format!(
-                    "unknown strategy '{s}', expected one of \"one-shot\", \"iterative\", \"iterative:K\" (K ≥ 1), \"independent\""
+                    "unknown strategy '{s}', expected one of \"one-shot\", \"iterative\", \"iterative:K\" (K ≥ 1), \"independent\", \"perplexity\", \"perplexity:K\" (K ≥ 1)"
                 )),
             },
         }
@@ -57,6 +71,8 @@ impl Strategy {
             Strategy::Iterative { block: 1 } => "iterative".into(),
             Strategy::Iterative { block } => format!("iterative:{block}"),
             Strategy::Independent => "independent".into(),
+            Strategy::Perplexity { candidates: 4 } => "perplexity".into(),
+            Strategy::Perplexity { candidates } => format!("perplexity:{candidates}"),
         }
     }
 }
@@ -139,6 +155,35 @@ pub fn distances(model: &Llama, layers: &[usize], windows: &[Vec<u32>]) -> Resul
 pub struct Candidate {
     pub layers: Vec<usize>,
     pub d: f64,
+    /// the calibration perplexity without these layers, when judged (`Perplexity`)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl: Option<f64>,
+}
+
+/// exp(mean NLL) of every token after the first of each window, for the model made of the
+/// teacher's `layers`.
+pub fn calibration_perplexity(
+    model: &Llama,
+    layers: &[usize],
+    windows: &[Vec<u32>],
+) -> Result<f64> {
+    let (mut nll, mut n) = (0.0, 0usize);
+    tch::no_grad(|| -> Result<()> {
+        for w in windows.iter().filter(|w| w.len() >= 2) {
+            let ids: Vec<i64> = w.iter().map(|&x| x as i64).collect();
+            let ids = Tensor::f_from_slice(&ids)?.f_unsqueeze(0)?; // (1, T)
+            let logits = model.forward_layers(&ids, layers)?;
+            nll += crate::eval::nll_sum(&logits, &ids)?;
+            n += w.len() - 1;
+        }
+        Ok(())
+    })?;
+    if n == 0 {
+        return Err(Error::Invalid(
+            "the calibration text has no window of two tokens".into(),
+        ));
+    }
+    Ok((nll / n as f64).exp())
 }
 
 /// One measurement and what it removed.
@@ -198,6 +243,7 @@ pub fn prune(model: &Llama, windows: &[Vec<u32>], o: &PruneOptions) -> Result<Pr
                     .map(|l| Candidate {
                         layers: vec![cur[l]],
                         d: dist.d(l, l + 1),
+                        ppl: None,
                     })
                     .collect();
                 let mut order: Vec<usize> = (0..c.len()).collect();
@@ -209,28 +255,51 @@ pub fn prune(model: &Llama, windows: &[Vec<u32>], o: &PruneOptions) -> Result<Pr
                 removed.sort_unstable();
                 (c, removed)
             }
-            Strategy::OneShot | Strategy::Iterative { .. } => {
+            Strategy::OneShot | Strategy::Iterative { .. } | Strategy::Perplexity { .. } => {
                 let n = match o.strategy {
                     Strategy::Iterative { block } => block.min(m - o.keep),
                     _ => m - o.keep,
                 };
                 // the run cur[s..s+n] for every start s that spares the ends
-                let c: Vec<Candidate> = (ends..=m - n - ends)
+                let mut c: Vec<Candidate> = (ends..=m - n - ends)
                     .map(|s| Candidate {
                         layers: cur[s..s + n].to_vec(),
                         d: dist.d(s, s + n),
+                        ppl: None,
                     })
                     .collect();
-                // the smallest d; the earliest on a tie
-                let best = c
-                    .iter()
-                    .enumerate()
-                    .min_by(|a, b| a.1.d.total_cmp(&b.1.d).then(a.0.cmp(&b.0)))
-                    .map(|(_, x)| x.layers.clone())
-                    .expect("a run fits: keep < m and keep ≥ 2 when the ends are kept");
-                (c, best)
+                if let Strategy::Perplexity { candidates } = o.strategy {
+                    // the K smallest d, each judged by the perplexity of the model without it
+                    let mut order: Vec<usize> = (0..c.len()).collect();
+                    order.sort_by(|&a, &b| c[a].d.total_cmp(&c[b].d).then(a.cmp(&b)));
+                    for &k in order.iter().take(candidates) {
+                        let left: Vec<usize> = cur
+                            .iter()
+                            .copied()
+                            .filter(|l| !c[k].layers.contains(l))
+                            .collect();
+                        c[k].ppl = Some(calibration_perplexity(model, &left, windows)?);
+                    }
+                    let best = c
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(k, x)| x.ppl.map(|p| (k, p)))
+                        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+                        .map(|(k, _)| c[k].layers.clone())
+                        .expect("at least one candidate judged");
+                    if !c.iter().filter_map(|x| x.ppl).all(f64::is_finite) {
+                        return Err(Error::Invalid(
+                            "a candidate's calibration perplexity is not finite".into(),
+                        ));
+                    }
+                    (c, best)
+                } else {
+                    let best = lowest_d(&c);
+                    (c, best)
+                }
             }
         };
+
         rounds.push(Round {
             layers: cur.clone(),
             candidates,
@@ -247,6 +316,15 @@ pub fn prune(model: &Llama, windows: &[Vec<u32>], o: &PruneOptions) -> Result<Pr
         rounds,
         kept: cur,
     })
+}
+
+/// The candidate of smallest d; the earliest on a tie.
+fn lowest_d(c: &[Candidate]) -> Vec<usize> {
+    c.iter()
+        .enumerate()
+        .min_by(|a, b| a.1.d.total_cmp(&b.1.d).then(a.0.cmp(&b.0)))
+        .map(|(_, x)| x.layers.clone())
+        .expect("a run fits: keep < m and keep ≥ 2 when the ends are kept")
 }
 
 /// "3-7" for a run of consecutive teacher layers, "3" for one.
@@ -281,8 +359,11 @@ impl Pruning {
                 );
                 for c in &round.candidates {
                     let gone = c.layers.iter().all(|l| round.removed.contains(l));
+                    let ppl = c
+                        .ppl
+                        .map_or(String::new(), |p| format!("  calibration ppl {p:.2}"));
                     o += &format!(
-                        "  {:<10} {:>8.4}{}\n",
+                        "  {:<10} {:>8.4}{ppl}{}\n",
                         span(&c.layers),
                         c.d,
                         if gone { "  removed" } else { "" }
