@@ -41,7 +41,7 @@ fn the_demo_runs_and_reports_before_and_after() {
         "{report}"
     );
     assert!(
-        report.contains("teacher layers [0, 1, 16, 18, 19, 20, 22, 23, 24, 29]"),
+        report.contains("teacher layers [0, 1, 2, 3, 24, 25, 26, 27, 28, 29]"),
         "{report}"
     );
     assert!(out.join("student/model.safetensors").exists());

@@ -25,8 +25,9 @@ pub struct Args {
     /// Tokens a calibration window
     #[arg(long, default_value_t = student::calibration::DEFAULT_SEQ_LEN)]
     seq_len: usize,
-    /// one-shot (one run of L − N layers), iterative (one layer a round, measured again),
-    /// iterative:K (runs of K), independent (the L − N layers scored alone)
+    /// perplexity[:K] (the K runs of L − N layers of smallest d, judged by calibration
+    /// perplexity), one-shot (one run of L − N layers), iterative (one layer a round, measured
+    /// again), iterative:K (runs of K), independent (the L − N layers scored alone)
     #[arg(long, default_value_t = prune::DEFAULT_STRATEGY.name())]
     strategy: String,
     /// Allow removing the teacher's first and last layer (kept by default)

@@ -42,7 +42,8 @@ pub struct FromTeacher {
     pub calibration_sequences: Option<usize>,
     /// tokens a window (default 256)
     pub calibration_seq_len: Option<usize>,
-    /// "one-shot" (default), "iterative", "iterative:K", "independent": see `prune`
+    /// "perplexity" (default), "perplexity:K", "one-shot", "iterative", "iterative:K",
+    /// "independent": see `prune`
     pub strategy: Option<String>,
     /// never remove the teacher's first or last layer (default true)
     pub keep_ends: Option<bool>,
