@@ -65,8 +65,7 @@ enum Command {
     /// Choose a student's layers by how little runs of the teacher's layers change its hidden
     /// state on calibration text, and write the student
     Prune(prune::Args),
-    /// Rank untrained candidate students by how closely their relation matrices match the
-    /// teacher's on calibration text (DisWOT), best first
+    /// Rank untrained candidate students by DisWOT (their relation matrices against the teacher's)
     RankStudents(rank_students::Args),
     /// Compare a teacher's and a student's vocabularies (tokens, padding rows, ids, chat
     /// templates) before any training; exit 2 when they cannot be distilled

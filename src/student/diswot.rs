@@ -77,7 +77,7 @@ pub fn full_windows(mut windows: Vec<Vec<u32>>, seq_len: usize) -> Result<Vec<Ve
     windows.retain(|w| w.len() == seq_len);
     if windows.len() < 2 {
         return Err(Error::Invalid(format!(
-            "the calibration text gives {} window(s) of {seq_len} tokens; the ranking needs at least 2 (more text, or a shorter --seq-len)",
+            "the calibration text gives {} window(s) of {seq_len} tokens; the ranking needs at least 2 (more text, or shorter windows)",
             windows.len()
         )));
     }
