@@ -11,6 +11,7 @@ mod generate;
 mod inspect;
 mod prune;
 mod prune_width;
+mod rank_students;
 mod store;
 mod train;
 
@@ -64,6 +65,8 @@ enum Command {
     /// Choose a student's layers by how little runs of the teacher's layers change its hidden
     /// state on calibration text, and write the student
     Prune(prune::Args),
+    /// Rank untrained candidate students by DisWOT (their relation matrices against the teacher's)
+    RankStudents(rank_students::Args),
     /// Compare a teacher's and a student's vocabularies (tokens, padding rows, ids, chat
     /// templates) before any training; exit 2 when they cannot be distilled
     Check(check::Args),
@@ -177,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Check(args) => check::run(args, device),
                 Command::PruneWidth(args) => prune_width::run(args, device),
                 Command::Prune(args) => prune::run(args, device),
+                Command::RankStudents(args) => rank_students::run(args, device),
                 Command::Bench(cmd) => bench::run(cmd, device),
                 Command::Store(cmd) => store::run(cmd, device),
                 Command::Convert {

@@ -1,8 +1,9 @@
 //! Building a student: loaded from a folder or GGUF, or made from the teacher by keeping some of its
 //! layers (embeddings, final norm, head and the listed decoder layers copied; layer `layers[k]` of
 //! the teacher becomes layer k of the student), listed in the run file or chosen by measuring the
-//! teacher on calibration text (`prune`).
+//! teacher on calibration text (`prune`); candidates ranked before training by DisWOT (`diswot`).
 pub mod calibration;
+pub mod diswot;
 pub mod prune;
 
 pub use calibration::Calibration;
