@@ -139,7 +139,10 @@ impl RunConfig {
             f.student.resolve(paths)?,
             f.data.resolve(paths)?,
         );
-        let (optim, run) = (f.optim.resolve()?, f.run.resolve(paths)?);
+        let (optim, mut run) = (f.optim.resolve()?, f.run.resolve(paths)?);
+        if let Some(stages) = &student.stages {
+            crate::train::stages::check_run(stages, &f.run, &losses, &mut run)?;
+        }
         Ok(RunConfig {
             capture: f.capture.resolve(&losses)?,
             teacher,
