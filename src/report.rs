@@ -204,6 +204,40 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
             }
         }
     }
+    // a run in stages: a line per stage, the student right after its cut and at its last step
+    let stages: Vec<&Value> = records
+        .iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("stage"))
+        .collect();
+    if !stages.is_empty() {
+        o += "\n## Stages (progressive pruning)\n\n| stage | steps | layers | removed (teacher layers) | d | after the cut: ppl / KL | at its last step: ppl / KL / top-1 |\n|---|---|---|---|---|---|---|\n";
+        for r in stages {
+            let count = |v: &Value| v.as_array().map_or(0, Vec::len);
+            let end = record(records, "eval", r["last_step"].as_u64());
+            let d: Vec<String> = r["d"]
+                .as_array()
+                .map(|a| a.iter().map(|x| f(x, 4)).collect())
+                .unwrap_or_default();
+            o += &format!(
+                "| {} | {}–{} | {} → {} | {} | {} | {} / {} | {} |\n",
+                s(&r["stage"]),
+                s(&r["first_step"]),
+                s(&r["last_step"]),
+                count(&r["layers_before"]),
+                count(&r["layers"]),
+                s(&r["removed"]),
+                d.join(", "),
+                f(&r["student_ppl"], 2),
+                f(&r["kl"], 4),
+                end.map_or("—".to_string(), |e| format!(
+                    "{} / {} / {}",
+                    f(&e["student_ppl"], 2),
+                    f(&e["kl"], 4),
+                    f(&e["top1"], 3)
+                ))
+            );
+        }
+    }
     if let Some(sum) = record(records, "summary", None) {
         o += &format!(
             "\nSkipped steps (non-finite loss or gradient): {}. Wall time: {} s.\n\n",

@@ -144,7 +144,7 @@ impl RunConfig {
             f.student.resolve(paths)?,
             f.data.resolve(paths)?,
         );
-        let (optim, run) = (f.optim.resolve()?, f.run.resolve(paths)?);
+        let (optim, mut run) = (f.optim.resolve()?, f.run.resolve(paths)?);
         if f.onpolicy.is_some() {
             if teacher.path.is_none() {
                 return Err(issue(
@@ -158,6 +158,9 @@ impl RunConfig {
                     "cannot go with [onpolicy]: the rows would be the student's samples",
                 ));
             }
+        }
+        if let Some(stages) = &student.stages {
+            crate::train::stages::check_run(stages, &f.run, &losses, &mut run)?;
         }
         Ok(RunConfig {
             capture: f.capture.resolve(&losses)?,

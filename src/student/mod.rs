@@ -1,12 +1,15 @@
 //! Building a student: loaded from a folder or GGUF, or made from the teacher by keeping some of its
 //! layers (embeddings, final norm, head and the listed decoder layers copied; layer `layers[k]` of
 //! the teacher becomes layer k of the student), listed in the run file or chosen by measuring the
-//! teacher on calibration text (`prune`); candidates ranked before training by DisWOT (`diswot`).
+//! teacher on calibration text (`prune`); candidates ranked before training by DisWOT (`diswot`);
+//! and, in stages, pruned again during the run (`ppcl`).
 pub mod calibration;
 pub mod diswot;
+pub mod ppcl;
 pub mod prune;
 
 pub use calibration::Calibration;
+pub use ppcl::{Stage, StageFile, Stages};
 pub use prune::{PruneOptions, Pruning, Strategy};
 
 use crate::config::{issue, Checked, Paths};
@@ -26,10 +29,13 @@ pub struct StudentFile {
     pub from_teacher: Option<FromTeacher>,
     /// "f32" (default), "bf16" or "f16": the compute dtype; weights and optimizer state stay f32
     pub dtype: Option<String>,
+    /// `[[student.stage]]`: progressive pruning during the run (`ppcl`)
+    pub stage: Option<Vec<StageFile>>,
 }
 
 /// `from_teacher = { layers = [0, 3, …] }`, or `{ keep = N, method = "similarity", calibration =
-/// "PATH" }` (the layers chosen at set-up; see `prune`).
+/// "PATH" }` (the layers chosen at set-up; see `prune`); with `[[student.stage]]` also neither of
+/// them (the whole teacher), and `calibration` is what every stage is measured on.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FromTeacher {
@@ -61,42 +67,85 @@ pub enum StudentInit {
         options: PruneOptions,
         calibration: Calibration,
     },
+    /// every layer of the teacher: a run in stages that starts from the whole teacher
+    Teacher,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StudentConfig {
     pub init: StudentInit,
     pub dtype: Dtype,
+    /// progressive pruning during the run (`[[student.stage]]`)
+    pub stages: Option<Stages>,
+}
+
+/// What `from_teacher` resolves to: the student's start, and the calibration text with the
+/// ends rule when one is given (the stages of a run measure on them too).
+struct Resolved {
+    init: StudentInit,
+    calibration: Option<Calibration>,
+    keep_ends: bool,
 }
 
 impl FromTeacher {
-    fn resolve(&self, paths: &Paths) -> Checked<StudentInit> {
+    /// `staged`: the run has `[[student.stage]]` (calibration then goes with any form).
+    fn resolve(&self, paths: &Paths, staged: bool) -> Checked<Resolved> {
         const K: &str = "student.from_teacher";
-        match (&self.layers, self.keep) {
+        let calibration = match &self.calibration {
+            Some(path) => {
+                let mut calibration = Calibration::new(paths.resolve(path));
+                for (key, v, slot) in [
+                    (
+                        "calibration_sequences",
+                        self.calibration_sequences,
+                        &mut calibration.sequences,
+                    ),
+                    (
+                        "calibration_seq_len",
+                        self.calibration_seq_len,
+                        &mut calibration.seq_len,
+                    ),
+                ] {
+                    match v {
+                        Some(0) => return Err(issue(format!("{K}.{key}"), "must be at least 1")),
+                        Some(n) => *slot = n,
+                        None => {}
+                    }
+                }
+                Some(calibration)
+            }
+            None => None,
+        };
+        let keep_ends = self.keep_ends.unwrap_or(prune::DEFAULT_KEEP_ENDS);
+        // keys that only choosing by measurement reads
+        let measuring = [
+            ("method", self.method.is_some()),
+            ("strategy", self.strategy.is_some()),
+            ("calibration", self.calibration.is_some() && !staged),
+            (
+                "calibration_sequences",
+                self.calibration_sequences.is_some() && !staged,
+            ),
+            (
+                "calibration_seq_len",
+                self.calibration_seq_len.is_some() && !staged,
+            ),
+            ("keep_ends", self.keep_ends.is_some() && !staged),
+        ];
+        let init = match (&self.layers, self.keep) {
             (Some(layers), None) => {
-                let extra = [
-                    ("method", self.method.is_some()),
-                    ("calibration", self.calibration.is_some()),
-                    ("calibration_sequences", self.calibration_sequences.is_some()),
-                    ("calibration_seq_len", self.calibration_seq_len.is_some()),
-                    ("strategy", self.strategy.is_some()),
-                    ("keep_ends", self.keep_ends.is_some()),
-                ];
-                if let Some((key, _)) = extra.iter().find(|(_, given)| *given) {
+                if let Some((key, _)) = measuring.iter().find(|(_, given)| *given) {
                     return Err(issue(
                         format!("{K}.{key}"),
                         "goes with 'keep' (layers chosen by measurement), not with a list of 'layers'",
                     ));
                 }
                 if layers.is_empty() {
-                    return Err(issue(
-                        format!("{K}.layers"),
-                        "must list at least one layer",
-                    ));
+                    return Err(issue(format!("{K}.layers"), "must list at least one layer"));
                 }
-                Ok(StudentInit::FromTeacher {
+                StudentInit::FromTeacher {
                     layers: layers.clone(),
-                })
+                }
             }
             (None, Some(keep)) => {
                 if keep == 0 {
@@ -120,59 +169,69 @@ impl FromTeacher {
                         ))
                     }
                 }
-                let path = self.calibration.as_ref().ok_or_else(|| {
+                let calibration = calibration.clone().ok_or_else(|| {
                     issue(
                         format!("{K}.calibration"),
                         "missing: the text (a file or a folder of text files) the teacher is measured on",
                     )
                 })?;
-                let mut calibration = Calibration::new(paths.resolve(path));
-                for (key, v, slot) in [
-                    (
-                        "calibration_sequences",
-                        self.calibration_sequences,
-                        &mut calibration.sequences,
-                    ),
-                    (
-                        "calibration_seq_len",
-                        self.calibration_seq_len,
-                        &mut calibration.seq_len,
-                    ),
-                ] {
-                    match v {
-                        Some(0) => {
-                            return Err(issue(format!("{K}.{key}"), "must be at least 1"))
-                        }
-                        Some(n) => *slot = n,
-                        None => {}
-                    }
-                }
                 let strategy = match &self.strategy {
                     Some(s) => Strategy::parse(s).map_err(|m| issue(format!("{K}.strategy"), m))?,
                     None => prune::DEFAULT_STRATEGY,
                 };
-                Ok(StudentInit::Similarity {
+                StudentInit::Similarity {
                     options: PruneOptions {
                         keep,
                         strategy,
-                        keep_ends: self.keep_ends.unwrap_or(prune::DEFAULT_KEEP_ENDS),
+                        keep_ends,
                     },
                     calibration,
-                })
+                }
             }
-            _ => Err(issue(
-                K,
-                "give exactly one of 'layers' (a list) or 'keep' (a count, with method and calibration)",
-            )),
-        }
+            (None, None) if staged => {
+                if let Some((key, _)) = measuring[..2].iter().find(|(_, given)| *given) {
+                    return Err(issue(
+                        format!("{K}.{key}"),
+                        "goes with 'keep' (layers chosen by measurement); without 'layers' or 'keep' the stages start from the whole teacher",
+                    ));
+                }
+                StudentInit::Teacher
+            }
+            _ => {
+                return Err(issue(
+                    K,
+                    if staged {
+                        "give at most one of 'layers' (a list) or 'keep' (a count, with method); with neither, the stages start from the whole teacher"
+                    } else {
+                        "give exactly one of 'layers' (a list) or 'keep' (a count, with method and calibration)"
+                    },
+                ))
+            }
+        };
+        Ok(Resolved {
+            init,
+            calibration,
+            keep_ends,
+        })
     }
 }
 
 impl StudentFile {
     pub fn resolve(&self, paths: &Paths) -> Checked<StudentConfig> {
-        let init = match (&self.path, &self.from_teacher) {
-            (Some(p), None) => StudentInit::Path(paths.resolve(p)),
-            (None, Some(ft)) => ft.resolve(paths)?,
+        let staged = self.stage.is_some();
+        let resolved = match (&self.path, &self.from_teacher) {
+            (Some(p), None) if !staged => Resolved {
+                init: StudentInit::Path(paths.resolve(p)),
+                calibration: None,
+                keep_ends: prune::DEFAULT_KEEP_ENDS,
+            },
+            (Some(_), None) => {
+                return Err(issue(
+                    "student.stage",
+                    "a run in stages starts from the teacher's layers: give 'from_teacher' instead of 'path'",
+                ))
+            }
+            (None, Some(ft)) => ft.resolve(paths, staged)?,
             _ => {
                 return Err(issue(
                     "student",
@@ -184,7 +243,50 @@ impl StudentFile {
             Some(d) => Dtype::parse(d).map_err(|m| issue("student.dtype", m))?,
             None => Dtype::F32,
         };
-        Ok(StudentConfig { init, dtype })
+        let stages = match &self.stage {
+            None => None,
+            Some(files) => {
+                if files.is_empty() {
+                    return Err(issue(
+                        "student.stage",
+                        "at least one [[student.stage]] is needed (or none at all)",
+                    ));
+                }
+                let stages = files
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| f.resolve(i))
+                    .collect::<Checked<Vec<Stage>>>()?;
+                let calibration = resolved.calibration.clone().ok_or_else(|| {
+                    issue(
+                        "student.from_teacher.calibration",
+                        "missing: [[student.stage]] measures the student on calibration text (a file or a folder of text files)",
+                    )
+                })?;
+                let stages = Stages {
+                    stages,
+                    calibration,
+                    keep_ends: resolved.keep_ends,
+                };
+                // the layer counts, where the start is known before the teacher is read
+                let start = match &resolved.init {
+                    StudentInit::FromTeacher { layers } => Some(layers.len()),
+                    StudentInit::Similarity { options, .. } => Some(options.keep),
+                    _ => None,
+                };
+                if let Some(start) = start {
+                    stages
+                        .counts(start)
+                        .map_err(|(_, key, why)| issue(key, why))?;
+                }
+                Some(stages)
+            }
+        };
+        Ok(StudentConfig {
+            init: resolved.init,
+            dtype,
+            stages,
+        })
     }
 }
 

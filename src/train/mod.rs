@@ -1,8 +1,8 @@
 //! Training: the recipe in phases (`run`), one micro-step (`step`), the optimizer and schedules
 //! (`optim`), the `[run]` options (`options`), the output folder (`output`), checkpoints
 //! (`checkpoint`), the state a checkpoint carries (`state`), the hidden-state terms' layer maps and
-//! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`) and the
-//! fault-test hooks (`faults`).
+//! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`), a run in
+//! stages (`stages`: progressive pruning) and the fault-test hooks (`faults`).
 pub mod checkpoint;
 pub mod faults;
 pub mod hidden;
@@ -11,6 +11,7 @@ pub mod optim;
 pub mod options;
 pub mod output;
 pub mod run;
+pub mod stages;
 pub mod state;
 pub mod step;
 

@@ -4,7 +4,8 @@
 //! 2. before: the output folder is taken (locked; a previous run cleared only now, on
 //!    --overwrite), run.json written, the student evaluated.
 //! 3. steps: for each optimizer step, micro-batches → train::step (teacher signal, student forward,
-//!    objective, backward) → clipping → AdamW; logs, evaluations, checkpoints.
+//!    objective, backward) → clipping → AdamW; logs, evaluations, checkpoints. A run in stages
+//!    (progressive pruning, train/stages.rs) cuts the student before the first step of each stage.
 //! 4. write-out: the student folder, a closing summary record, then loss.png and report.md made
 //!    from the records.
 use super::checkpoint;
@@ -13,6 +14,7 @@ use super::hidden::{self, Projections};
 use super::optim::{lr_at, AdamW};
 use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
+use super::stages::{self, StageState, Staged};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
 use crate::config::RunConfig;
@@ -95,6 +97,8 @@ struct Setup {
     teacher_checksum: Vec<f64>,
     /// how the student's layers were chosen, when measured
     pruning: Option<student::Pruning>,
+    /// a run in stages: the plan and the calibration windows
+    staged: Option<Staged>,
     /// the teacher's distribution in the student's ids, and what the check found
     vocab: VocabMap,
     vocab_report: VocabReport,
@@ -323,7 +327,14 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             pruning = Some(p);
             s
         }
-        (StudentInit::FromTeacher { .. } | StudentInit::Similarity { .. }, None) => {
+        (StudentInit::Teacher, Some(t)) => {
+            let all: Vec<usize> = (0..t.model.config.num_hidden_layers).collect();
+            student::from_teacher_layers(t, &all, device)?
+        }
+        (
+            StudentInit::FromTeacher { .. } | StudentInit::Similarity { .. } | StudentInit::Teacher,
+            None,
+        ) => {
             return Err(Error::Invalid(
                 "student.from_teacher: needs the teacher model (teacher.path), not only its store"
                     .into(),
@@ -331,6 +342,20 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         }
     };
     student.model.set_compute_kind(cfg.student.dtype.kind());
+    // the teacher layer each student layer came from, when it was made of the teacher's layers
+    let copied_from: Option<Vec<usize>> = match (&cfg.student.init, &pruning) {
+        (StudentInit::FromTeacher { layers }, _) => Some(layers.clone()),
+        (StudentInit::Similarity { .. }, Some(p)) => Some(p.kept.clone()),
+        (StudentInit::Teacher, _) => Some((0..student.model.config.num_hidden_layers).collect()),
+        (StudentInit::Similarity { .. }, None) | (StudentInit::Path(_), _) => None,
+    };
+    // a run in stages: the plan checked against the student's start, the calibration windows read
+    // with the teacher's tokenizer (measured f32 teacher, before its dtype is set)
+    let staged = match (&cfg.student.stages, &teacher, &copied_from) {
+        (Some(st), Some(t), Some(initial)) => Some(stages::plan(st, t, initial.clone())?),
+        (None, _, _) => None,
+        _ => unreachable!("stages start from the teacher's layers (config) and need its model"),
+    };
     if let Some(teacher) = teacher.as_mut() {
         // a teacher is only run: its weights take its dtype; a student keeps f32 master weights
         // and computes in its dtype
@@ -463,11 +488,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             &cfg.losses,
             &student.model.config,
             &t.model.config,
-            match (&cfg.student.init, &pruning) {
-                (StudentInit::FromTeacher { layers }, _) => Some(layers.as_slice()),
-                (StudentInit::Similarity { .. }, Some(p)) => Some(p.kept.as_slice()),
-                (StudentInit::Similarity { .. }, None) | (StudentInit::Path(_), _) => None,
-            },
+            copied_from.as_deref(),
             cfg.run.seed,
             device,
         )?,
@@ -504,6 +525,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.capture.shard_sequences,
         )?);
     }
+    let mut projections = projections;
     let mut opt = AdamW::new(&student.vs, &cfg.optim)?;
     if let Some(p) = &projections {
         opt.add(&p.vs)?;
@@ -515,8 +537,12 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         (StudentInit::FromTeacher { layers }, _) => format!("teacher layers {layers:?}"),
         (StudentInit::Similarity { .. }, Some(p)) => format!("teacher layers {:?}", p.kept),
         (StudentInit::Similarity { .. }, None) => unreachable!("measured above"),
+        (StudentInit::Teacher, _) => "the teacher's layers".to_string(),
     };
-    let fingerprint = fingerprint_of(cfg, &ds, total, &student_source);
+    let mut fingerprint = fingerprint_of(cfg, &ds, total, &student_source);
+    if let Some(st) = &cfg.student.stages {
+        fingerprint.insert("student.stage".into(), st.describe());
+    }
     let mut state = TrainState {
         step: 0,
         total_steps: total,
@@ -527,6 +553,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         tokens_seen: 0,
         seed: cfg.run.seed,
         fingerprint: fingerprint.clone(),
+        stages: None,
     };
     let start = if opts.resume && holds_run(out) {
         let ck = checkpoint::latest(out)?.ok_or_else(|| {
@@ -565,6 +592,47 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
                     st.step, st.adam_t, st.skipped_steps
                 ),
             ));
+        }
+        // a run in stages: the student of the checkpoint's stage (its layers, then its weights)
+        if let Some(plan) = &staged {
+            let at = ck.join("state.json");
+            let rec = st
+                .stages
+                .as_ref()
+                .ok_or_else(|| Error::format(&at, "a run in stages, but no stage recorded"))?;
+            plan.check(rec, st.step)
+                .map_err(|m| Error::format(&at, m))?;
+            let mut from = 0;
+            let idx: Vec<usize> = rec
+                .layers
+                .iter()
+                .map(|l| {
+                    from += plan.initial[from..]
+                        .iter()
+                        .position(|x| x == l)
+                        .expect("checked")
+                        + 1;
+                    from - 1
+                })
+                .collect();
+            student = stages::cut(&student, &idx, device)?;
+            if let Some(t) = &teacher {
+                if !objective.hidden_terms().is_empty() {
+                    projections = hidden::wire(
+                        &mut objective,
+                        &cfg.losses,
+                        &student.model.config,
+                        &t.model.config,
+                        Some(&rec.layers),
+                        cfg.run.seed,
+                        device,
+                    )?;
+                }
+            }
+            opt = AdamW::new(&student.vs, &cfg.optim)?;
+            if let Some(p) = &projections {
+                opt.add(&p.vs)?;
+            }
         }
         let weights = hf::read_safetensors(&ck.join("model.safetensors"))?;
         hf::load_into(&student.vs, &weights, &ck)?;
@@ -612,6 +680,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     Ok(Setup {
         stop_ids,
         pruning,
+        staged,
         vocab,
         vocab_report,
         teacher_checksum,
@@ -665,7 +734,38 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
             calibration.path.display()
         ),
         (StudentInit::Similarity { .. }, None) => unreachable!("measured at set-up"),
+        (StudentInit::Teacher, _) => "the teacher's layers".to_string(),
     };
+    // a run in stages: the student it ends with, and how it gets there
+    let (student_source, student_params, student_layers) = match &s.staged {
+        Some(st) => {
+            let last = *st.counts.last().expect("at least one stage");
+            let mut c = sc.clone();
+            c.num_hidden_layers = last;
+            (
+                format!(
+                    "{student_source}, {} layers pruned in {} stages to {last} (student.stage)",
+                    st.initial.len(),
+                    st.counts.len()
+                ),
+                c.num_params(),
+                last,
+            )
+        }
+        None => (student_source, sc.num_params(), sc.num_hidden_layers),
+    };
+    let stage_plan = s.staged.as_ref().map(|st| {
+        st.stages
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                let (first, last) = st.stages.span(i + 1);
+                json!({"stage": i + 1, "layers_after": st.counts[i], "steps": stage.steps,
+                       "first_step": first, "last_step": last, "strategy": stage.strategy.name()})
+            })
+            .collect::<Vec<_>>()
+    });
     json!({
         "run_file": opts.run_file.as_ref().map(|p| p.display().to_string()),
         "teacher": match &s.teacher {
@@ -681,8 +781,10 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
             "temperature": st.header.selection.temperature,
             "quantisation": st.header.selection.quantisation.name(),
             "hybrid": s.teacher.is_some(), "write_back": cfg.teacher.write_back})),
-        "student": {"source": student_source, "parameters": sc.num_params(),
-                    "layers": sc.num_hidden_layers, "dtype": cfg.student.dtype.name()},
+        "student": {"source": student_source, "parameters": student_params,
+                    "layers": student_layers, "dtype": cfg.student.dtype.name()},
+        "stages": stage_plan,
+        "calibration": cfg.student.stages.as_ref().map(|st| st.describe()),
         "data": {"train": cfg.data.train.display().to_string(), "seq_len": cfg.data.seq_len,
                  "train_sequences": s.ds.train.len(), "train_tokens": s.ds.train_tokens,
                  "validation_sequences": s.ds.validation.len()},
@@ -867,6 +969,15 @@ fn steps(
     let mut last_eval = None;
     while s.state.step < total {
         let step = s.state.step + 1;
+        // a run in stages: the cut before the stage's first step
+        if let Some(k) = s
+            .staged
+            .as_ref()
+            .and_then(|st| st.due(s.state.step, s.state.stages.as_ref()))
+        {
+            enter_stage(cfg, s, out, k)?;
+            faults.entered_stage(k);
+        }
         let t0 = Instant::now();
         s.opt.zero_grad();
         let (mut loss, mut parts, mut finite, mut tokens) =
@@ -954,6 +1065,9 @@ fn steps(
             if cfg.onpolicy.is_some() {
                 rec["on_policy"] = json!(on_policy.is_some());
             }
+            if let Some(st) = &s.state.stages {
+                rec["stage"] = json!(st.stage);
+            }
             out.metric(&rec)?;
         }
         if let Some(b) = &bar {
@@ -986,12 +1100,98 @@ fn steps(
                 cfg.run.keep_last,
             )?;
         }
-        faults.after_step();
+        faults.after_step(step);
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(last_eval)
+}
+
+/// Enter stage `k` of a run in stages (train/stages.rs): measure and cut the student, slice the
+/// optimizer, re-wire the hidden terms, evaluate the cut student and record it.
+fn enter_stage(cfg: &RunConfig, s: &mut Setup, out: &mut RunOutput, k: usize) -> Result<()> {
+    let staged = s.staged.as_ref().expect("a run in stages");
+    let stage = &staged.stages.stages[k - 1];
+    let (first, last) = staged.stages.span(k);
+    let before = match &s.state.stages {
+        Some(st) => st.layers.clone(),
+        None => staged.initial.clone(),
+    };
+    let t0 = Instant::now();
+    let c = student::ppcl::choose(
+        &s.student.model,
+        &before,
+        stage,
+        staged.stages.keep_ends,
+        &staged.windows,
+    )
+    .map_err(|e| Error::Invalid(format!("student.stage.{}: {e}", k - 1)))?;
+    let measured = t0.elapsed().as_secs_f64();
+    // the removed run's score, per measurement (null where removal was of separate layers)
+    let scores: Vec<Option<f64>> = c
+        .pruning
+        .rounds
+        .iter()
+        .map(|r| {
+            r.candidates
+                .iter()
+                .find(|x| x.layers == r.removed)
+                .map(|x| x.d)
+        })
+        .collect();
+    let strategy = stage.strategy.name();
+    let device = cfg.run.device;
+    let student = stages::cut(&s.student, &c.kept, device)?;
+    let mut projections = match &s.teacher {
+        Some(t) if !s.objective.hidden_terms().is_empty() => hidden::wire(
+            &mut s.objective,
+            &cfg.losses,
+            &student.model.config,
+            &t.model.config,
+            Some(&c.layers),
+            cfg.run.seed,
+            device,
+        )?,
+        _ => None,
+    };
+    // projections (only between widths that differ) keep their trained values
+    if let (Some(new), Some(old)) = (projections.as_mut(), s.projections.as_ref()) {
+        new.vs.copy(&old.vs)?;
+    }
+    s.opt = stages::slice_optimizer(
+        &s.opt,
+        &c.kept,
+        &student.vs,
+        projections.as_ref().map(|p| &p.vs),
+        &cfg.optim,
+    )?;
+    s.student = student;
+    s.projections = projections;
+    s.state.stages = Some(StageState {
+        stage: k,
+        layers: c.layers.clone(),
+    });
+    let m = evaluate(cfg, s)?;
+    let line = format!(
+        "stage {k}: {} → {} layers, removed teacher layers {:?} ({strategy}, measured in {measured:.1}s); steps {first}–{last}; cut student ppl {:.2}, KL {:.4}",
+        before.len(),
+        c.layers.len(),
+        c.removed,
+        m.student_ppl,
+        m.kl
+    );
+    tracing::info!("{line}");
+    out.metric(
+        &json!({"kind": "stage", "step": first, "stage": k, "first_step": first,
+        "last_step": last, "layers_before": before, "removed": c.removed, "layers": c.layers,
+        "strategy": strategy, "d": scores, "measure_seconds": measured,
+        "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl, "kl": m.kl, "top1": m.top1,
+        "tokens": m.tokens,
+        "hidden_layers": s.objective.hidden_maps().into_iter().map(|m| json!({
+            "term": m.term, "pairs": m.pairs, "projection": m.projected})).collect::<Vec<_>>()}),
+    )?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- 4. write-out

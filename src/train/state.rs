@@ -21,4 +21,7 @@ pub struct TrainState {
     /// them changed is refused, naming the keys
     #[serde(default)]
     pub fingerprint: crate::fingerprint::Fingerprint,
+    /// a run in stages: the stage and the student's layers (train/stages.rs)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<super::stages::StageState>,
 }
