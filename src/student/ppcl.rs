@@ -9,7 +9,8 @@
 //!       d(i, j) = (1/π)·mean over tokens t of arccos cos(h_i(t), h_j(t))      (student/prune.rs)
 //!     R_k = the run of n = |L_{k−1}| − n_k consecutive student layers l..l+n−1 with the smallest
 //!           d(l, l+n), the first and last layer spared (keep_ends) — `strategy = "one-shot"`, the
-//!           default; "iterative", "iterative:K", "independent" as `distill prune` has them
+//!           default; any other strategy of `distill prune` ("perplexity[:K]", "iterative[:K]",
+//!           "independent") as it has them
 //!     student_k = student_{k−1} without R_k: the kept layers keep their trained weights;
 //!                 L_k = L_{k−1} without R_k (the teacher layer each student layer came from)
 //!     S_k optimizer steps (B_{k−1}+1 ..= B_k) of the run's objective, where every `hidden` term
@@ -49,8 +50,8 @@ pub struct StageFile {
     pub keep: Option<usize>,
     /// optimizer steps of the stage, after its pruning
     pub steps: Option<usize>,
-    /// how the layers are chosen: "one-shot" (default: one contiguous run), "iterative",
-    /// "iterative:K", "independent" (prune.rs)
+    /// how the layers are chosen: "one-shot" (default: one contiguous run) or any other strategy
+    /// of prune.rs
     pub strategy: Option<String>,
 }
 
