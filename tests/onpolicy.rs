@@ -207,7 +207,7 @@ fn an_on_policy_step_trains_on_the_students_samples_only() {
         differs |= q.ids[p..] != data_row.ids[p..];
         // targets: the sampled tokens only (position t predicts token t + 1)
         let sampled = q.counted();
-        assert!(sampled >= 1 && sampled <= 16);
+        assert!((1..=16).contains(&sampled));
         for t in 0..32 {
             let target = t + 1 >= p && t + 1 < p + sampled;
             assert_eq!(q.labels[t] != IGNORE_INDEX, target, "position {t}");

@@ -544,10 +544,10 @@ impl Llama {
     fn trunk(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         keep: &[usize],
     ) -> Result<TrunkOutput> {
-        self.trunk_padded(ids, cache.as_deref_mut(), keep, None)
+        self.trunk_padded(ids, cache, keep, None)
     }
 
     /// The trunk over rows left-padded by `pad` (B) slots each (None: no padding). A padded row's
