@@ -41,7 +41,14 @@ impl Sequence {
     }
 }
 
-fn sequence(ids: &[u32], target: &[bool], len: usize, pad: u32, spans: Vec<Span>) -> Sequence {
+/// `ids` padded with `pad` to `len`; labels (and weight 1) where the next token is a target.
+pub(crate) fn sequence(
+    ids: &[u32],
+    target: &[bool],
+    len: usize,
+    pad: u32,
+    spans: Vec<Span>,
+) -> Sequence {
     let mut out_ids = ids.to_vec();
     out_ids.resize(len, pad);
     let labels: Vec<i64> = (0..len)

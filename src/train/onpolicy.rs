@@ -203,27 +203,9 @@ impl OnPolicy {
 
 /// prompt + sample, padded to `t`: targets (weight 1) are the sample's tokens only.
 pub fn sample_sequence(prompt: &[u32], sample: &[u32], t: usize, domain: Option<u32>) -> Sequence {
-    let mut ids: Vec<u32> = prompt.iter().chain(sample).copied().collect();
-    let n = ids.len();
-    ids.resize(t, 0);
-    let labels: Vec<i64> = (0..t)
-        .map(|i| {
-            if i + 1 >= prompt.len() && i + 1 < n {
-                ids[i + 1] as i64
-            } else {
-                IGNORE_INDEX
-            }
-        })
-        .collect();
-    let weights = labels
-        .iter()
-        .map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 })
-        .collect();
-    Sequence {
-        ids,
-        labels,
-        weights,
-        spans: vec![],
-        domain,
-    }
+    let ids: Vec<u32> = prompt.iter().chain(sample).copied().collect();
+    let target: Vec<bool> = (0..ids.len()).map(|i| i >= prompt.len()).collect();
+    let mut s = crate::data::packing::sequence(&ids, &target, t, 0, vec![]);
+    s.domain = domain;
+    s
 }
