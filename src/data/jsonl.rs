@@ -11,6 +11,12 @@ use serde_json::Value;
 use std::path::Path;
 
 pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Example>> {
+    records(path, |_, v| record(v, tok, eos))
+}
+
+/// Each non-blank line of a JSONL file parsed and passed to `f` with its line number (from 1); an
+/// error, the file's or `f`'s, becomes `file:line: what is wrong`.
+pub fn records<T>(path: &Path, mut f: impl FnMut(usize, &Value) -> Result<T>) -> Result<Vec<T>> {
     let text = crate::io::read_to_string(path)?;
     // a UTF-8 byte-order mark (as some Windows editors write) is not part of the first record
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -22,7 +28,7 @@ pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Exampl
         let at = |msg: String| Error::Invalid(format!("{}:{}: {msg}", path.display(), i + 1));
         let v: Value =
             serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
-        out.push(record(&v, tok, eos).map_err(|e| at(e.to_string()))?);
+        out.push(f(i + 1, &v).map_err(|e| at(e.to_string()))?);
     }
     Ok(out)
 }

@@ -21,20 +21,11 @@ pub struct Prompt {
 
 /// Read a prompt file; `chat` wraps `{"prompt"}` records as a user turn of the chat template.
 pub fn read(path: &Path, tok: &Tokenizer, chat: bool) -> Result<Vec<Prompt>> {
-    let text = crate::io::read_to_string(path)?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |msg: String| Error::Invalid(format!("{}:{}: {msg}", path.display(), i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
-        let mut p = record(&v, tok, chat).map_err(|e| at(e.to_string()))?;
-        p.line = i + 1;
-        out.push(p);
-    }
+    let out = super::jsonl::records(path, |line, v| {
+        let mut p = record(v, tok, chat)?;
+        p.line = line;
+        Ok(p)
+    })?;
     if out.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: no prompts (one JSON record per line)",

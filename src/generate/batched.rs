@@ -88,7 +88,8 @@ pub fn pick(logits: &Tensor, temperature: f64, top_p: f64, u: &[f64]) -> Result<
     let (sorted, order) = p.f_sort_stable(true, -1, true)?; // (B, V) descending
     let cum = sorted.f_cumsum(-1, Kind::Float)?;
     let before = cum.f_sub(&sorted)?; // Σ_{j<k}
-    let kept = sorted.f_mul(&before.f_lt(top_p)?.f_to_kind(Kind::Float)?)?;
+    let in_nucleus = before.f_lt(top_p)?;
+    let kept = sorted.f_mul(&in_nucleus.f_to_kind(Kind::Float)?)?;
     let kcum = kept.f_cumsum(-1, Kind::Float)?;
     let mass = kcum.f_select(-1, -1)?.f_unsqueeze(-1)?; // (B, 1)
     let u = Tensor::f_from_slice(u)?
@@ -100,8 +101,7 @@ pub fn pick(logits: &Tensor, temperature: f64, top_p: f64, u: &[f64]) -> Result<
     let count = kcum
         .f_le_tensor(&target)?
         .f_sum_dim_intlist(&[-1i64][..], true, Kind::Int64)?;
-    let last_kept = before
-        .f_lt(top_p)?
+    let last_kept = in_nucleus
         .f_sum_dim_intlist(&[-1i64][..], true, Kind::Int64)?
         .f_sub_scalar(1)?;
     let k = count.f_minimum(&last_kept)?;
