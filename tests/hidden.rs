@@ -17,7 +17,6 @@ use distill::train::hidden::default_layer_map;
 use distill::train::step::{micro_step, StepOptions};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -865,29 +864,6 @@ fn a_teacher_store_refuses_the_hidden_term_in_one_line() {
         );
         assert!(!s.path("refused").exists(), "{name}: nothing written");
     }
-}
-
-fn spawn_train(run: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
-    c.arg("train")
-        .arg(run)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in extra_env {
-        c.env(k, v);
-    }
-    c.spawn().unwrap()
-}
-
-fn last_step(metrics: &Path) -> u64 {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["kind"] == "train")
-        .filter_map(|r| r["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
 
 // uses the DISTILL_FAULT_* hooks: built with `--features fault-injection` (scripts/test.sh)

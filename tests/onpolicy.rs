@@ -10,7 +10,6 @@ use distill::data::{self, Sampler, IGNORE_INDEX};
 use distill::model::{self, LlamaConfig, Tokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -265,29 +264,6 @@ fn the_run_file_refuses_bad_on_policy_settings() {
     );
     bad("[onpolicy]\nlambda = 0.5\n", &["lambda"]);
     assert!(!s.path("bad").exists(), "nothing written");
-}
-
-fn spawn_train(run: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
-    c.arg("train")
-        .arg(run)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in extra_env {
-        c.env(k, v);
-    }
-    c.spawn().unwrap()
-}
-
-fn last_step(metrics: &Path) -> u64 {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["kind"] == "train")
-        .filter_map(|r| r["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
 
 // uses the DISTILL_FAULT_* hooks: built with `--features fault-injection` (scripts/test.sh)

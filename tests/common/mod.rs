@@ -135,3 +135,28 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     walk(dir, &mut m);
     m
 }
+
+/// `distill train RUN` in the background, quiet, with `extra_env` (e.g. the fault hooks).
+pub fn spawn_train(run: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
+    c.arg("train")
+        .arg(run)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+/// The last step a (possibly still running) run logged in `metrics`, 0 before any.
+pub fn last_step(metrics: &Path) -> u64 {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "train")
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
