@@ -263,6 +263,22 @@ fn the_run_file_refuses_bad_on_policy_settings() {
         &["onpolicy.max_new_tokens"],
     );
     bad("[onpolicy]\nlambda = 0.5\n", &["lambda"]);
+    bad(
+        "[onpolicy]\nreplay_capacity = 8\n",
+        &["onpolicy.replay_capacity", "distillm"],
+    );
+    bad(
+        "[onpolicy]\nmode = \"minillm\"\n",
+        &["onpolicy.mode", "minillm"],
+    );
+    bad(
+        "[onpolicy]\nmode = \"distillm\"\nreplay_ratio = \"up\"\n",
+        &["onpolicy.replay_ratio", "increasing"],
+    );
+    bad(
+        "[onpolicy]\nmode = \"distillm\"\nreplay_capacity = 0\n",
+        &["onpolicy.replay_capacity"],
+    );
     assert!(!s.path("bad").exists(), "nothing written");
 }
 
@@ -301,5 +317,158 @@ fn a_run_killed_with_on_policy_steps_resumes_bit_identically() {
         let (x, y) = (train_record(&a, step), train_record(&b, step));
         assert_eq!(x["loss"], y["loss"], "step {step}");
         assert_eq!(x["on_policy"], y["on_policy"], "step {step}");
+    }
+}
+
+/// DistiLLM's adaptive mode: φ starts at `fraction`; `capacity` samples (micro-batches of 4).
+fn distillm(fraction: f64, loss_eps: f64, capacity: usize, ratio: &str) -> String {
+    format!(
+        "[onpolicy]\nmode = \"distillm\"\nfraction = {fraction}\nloss_eps = {loss_eps}\nreplay_capacity = {capacity}\nreplay_ratio = \"{ratio}\"\nprompt_tokens = 8\nmax_new_tokens = 8\n"
+    )
+}
+
+#[test]
+fn distillm_that_never_raises_phi_from_zero_is_the_off_policy_run() {
+    let s = Setup::new();
+    let off = s.run_file("off.toml", "off", 6, "");
+    let zero = s.run_file("zero.toml", "zero", 6, &distillm(0.0, 1e9, 6, "decreasing"));
+    train_ok(&["train", off.to_str().unwrap()]);
+    train_ok(&["train", zero.to_str().unwrap()]);
+    assert_eq!(
+        weights(&s.path("off/student")),
+        weights(&s.path("zero/student"))
+    );
+    let b = records(&s.path("zero/metrics.jsonl"));
+    for step in 1..=6 {
+        let r = train_record(&b, step);
+        assert_eq!(r["sources"]["data"], 1, "step {step}: {r}");
+        assert_eq!(r["sgo_probability"], 0.0);
+    }
+}
+
+/// Two micro-batches per step in run file `run`.
+fn accumulate_two(run: &Path) {
+    let text = std::fs::read_to_string(run).unwrap();
+    let patched = text.replace("micro_batch = 4", "micro_batch = 4\ngrad_accum = 2");
+    assert_ne!(text, patched);
+    std::fs::write(run, patched).unwrap();
+}
+
+/// The sources and buffer sizes a DistiLLM run logged, checked against the rules: every step's
+/// micro-batches are counted once; the buffer grows by a micro-batch per fresh one, up to its
+/// capacity; a replay needs a full buffer; φ is the one of the evaluations before.
+fn check_distillm_log(
+    recs: &[Value],
+    steps: u64,
+    accum: u64,
+    capacity: u64,
+    phis: &[(u64, f64)],
+) -> [u64; 3] {
+    let (mut buffered, mut totals) = (0u64, [0u64; 3]);
+    for step in 1..=steps {
+        let r = train_record(recs, step);
+        let n: Vec<u64> = ["fresh", "replay", "data"]
+            .iter()
+            .map(|k| r["sources"][k].as_u64().unwrap())
+            .collect();
+        assert_eq!(n.iter().sum::<u64>(), accum, "step {step}: {r}");
+        if n[1] > 0 {
+            assert_eq!(
+                buffered, capacity,
+                "step {step}: a replay before the buffer filled"
+            );
+        }
+        buffered = (buffered + 4 * n[0]).min(capacity);
+        assert_eq!(r["replay_buffer"], buffered, "step {step}");
+        let phi = phis.iter().rev().find(|(from, _)| step > *from).unwrap().1;
+        assert!(
+            (r["sgo_probability"].as_f64().unwrap() - phi).abs() < 1e-12,
+            "step {step}: {r}"
+        );
+        for k in 0..3 {
+            totals[k] += n[k];
+        }
+    }
+    totals
+}
+
+#[test]
+fn distillm_raises_phi_after_each_evaluation_and_replays_its_samples() {
+    let s = Setup::new();
+    // ε = −1000: every evaluation after the first raises φ by 0.1 (evaluations at 0, 10, 16)
+    let run = s.run_file("d.toml", "d", 16, &distillm(0.5, -1000.0, 6, "decreasing"));
+    accumulate_two(&run);
+    train_ok(&["train", run.to_str().unwrap()]);
+    let recs = records(&s.path("d/metrics.jsonl"));
+    let totals = check_distillm_log(&recs, 16, 2, 6, &[(0, 0.5), (10, 0.6)]);
+    assert!(
+        totals.iter().all(|&n| n > 0),
+        "fresh, replay, data: {totals:?}"
+    );
+    let evals: Vec<f64> = recs
+        .iter()
+        .filter(|r| r["kind"] == "eval" && r["step"] != 0)
+        .map(|r| r["sgo_probability"].as_f64().unwrap())
+        .collect();
+    assert_eq!(evals.len(), 2);
+    assert!(
+        (evals[0] - 0.6).abs() < 1e-12 && (evals[1] - 0.7).abs() < 1e-12,
+        "{evals:?}"
+    );
+}
+
+// uses the DISTILL_FAULT_* hooks: built with `--features fault-injection` (scripts/test.sh)
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_distillm_run_killed_with_a_full_replay_buffer_resumes_bit_identically() {
+    let s = Setup::new();
+    // two micro-batches fill the buffer; "increasing": replays are likely early, fresh samples late
+    let extra = distillm(0.7, -1000.0, 8, "increasing");
+    let full = s.run_file("full.toml", "full", 16, &extra);
+    accumulate_two(&full);
+    train_ok(&["train", full.to_str().unwrap()]);
+    let a = records(&s.path("full/metrics.jsonl"));
+    check_distillm_log(&a, 16, 2, 8, &[(0, 0.7), (10, 0.8)]);
+    // after each checkpoint the run could resume from, a replay comes before two fresh
+    // micro-batches could refill the buffer: a resume that lost the buffer would differ
+    for ck in [8, 12] {
+        assert_eq!(train_record(&a, ck)["replay_buffer"], 8);
+        let mut fresh = 0;
+        let replayed = (ck + 1..=16).any(|k| {
+            let r = train_record(&a, k);
+            let hit = r["sources"]["replay"] != 0 && fresh < 2;
+            fresh += r["sources"]["fresh"].as_u64().unwrap();
+            hit
+        });
+        assert!(replayed, "no replay from the buffer of checkpoint {ck}");
+    }
+    let run = s.run_file("killed.toml", "killed", 16, &extra);
+    let metrics = s.path("killed/metrics.jsonl");
+    accumulate_two(&run);
+    let mut child = spawn_train(&run, &[("DISTILL_FAULT_STEP_DELAY_MS", "60")]);
+    let t = Instant::now();
+    while last_step(&metrics) < 9 {
+        assert!(t.elapsed() < Duration::from_secs(120), "timed out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let reached = last_step(&metrics);
+    assert!(
+        (9..16).contains(&reached),
+        "killed at {reached}: it resumes from checkpoint 8 or 12"
+    );
+    train_ok(&["train", run.to_str().unwrap(), "--resume"]);
+    assert_eq!(
+        weights(&s.path("killed/student")),
+        weights(&s.path("full/student")),
+        "killed at step {reached}: weights differ"
+    );
+    let b = records(&metrics);
+    for step in 1..=16 {
+        let (x, y) = (train_record(&a, step), train_record(&b, step));
+        for k in ["loss", "sources", "replay_buffer", "sgo_probability"] {
+            assert_eq!(x[k], y[k], "step {step}: {k}");
+        }
     }
 }

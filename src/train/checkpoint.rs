@@ -1,6 +1,7 @@
 //! Checkpoints: `OUTPUT/checkpoints/step-00000100/` holds the student as a Hugging Face folder,
 //! `optimizer.safetensors` (AdamW moments), the run's other trained tensors when it has some
-//! (`projection.safetensors`: hidden-state projections) and `state.json` (`TrainState`). A checkpoint is written
+//! (`projection.safetensors`: hidden-state projections; `replay.json`: DistiLLM's replay buffer)
+//! and `state.json` (`TrainState`). A checkpoint is written
 //! into a hidden `.partial-…` folder, every file fsynced, `state.json` last, then renamed into place:
 //! a folder named `step-…` is always complete. Only the newest `keep_last` are kept.
 use super::optim::AdamW;
@@ -57,11 +58,14 @@ pub fn incomplete(output: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// `extra`: further files of named tensors to write beside the optimizer's (file name, tensors).
+/// `extra`: further files of named tensors to write beside the optimizer's (file name, tensors);
+/// `files`: further files as bytes (file name, contents).
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     output: &Path,
     student: &LoadedModel,
     extra: &[(&str, Vec<(String, tch::Tensor)>)],
+    files: &[(&str, Vec<u8>)],
     opt: &AdamW,
     state: &TrainState,
     keep_last: usize,
@@ -79,6 +83,9 @@ pub fn save(
     hf::write_safetensors(&partial.join("optimizer.safetensors"), &opt.state_tensors())?;
     for (file, tensors) in extra {
         hf::write_safetensors(&partial.join(file), tensors)?;
+    }
+    for (file, bytes) in files {
+        write_atomic(&partial.join(file), bytes)?;
     }
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     write_atomic(&partial.join("state.json"), json.as_bytes())?;

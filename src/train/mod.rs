@@ -1,9 +1,11 @@
 //! Training: the recipe in phases (`run`), one micro-step (`step`), the optimizer and schedules
 //! (`optim`), the `[run]` options (`options`), the output folder (`output`), checkpoints
 //! (`checkpoint`), the state a checkpoint carries (`state`), the hidden-state terms' layer maps and
-//! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`), a run in
+//! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`; DistiLLM's
+//! adaptive mode with its replay buffer: `distillm`), a run in
 //! stages (`stages`: progressive pruning) and the fault-test hooks (`faults`).
 pub mod checkpoint;
+pub mod distillm;
 pub mod faults;
 pub mod hidden;
 pub mod onpolicy;

@@ -17,6 +17,7 @@
 //! counted). Differences from GKD's code (TRL's `GKDTrainer`): λ is drawn per step, not per batch
 //! of the accelerator; the sample is taken from the student being trained with no separate
 //! generation copy, as GKD's algorithm states.
+use super::distillm::{DistiLLM, ReplayRatio};
 use crate::config::{issue, Checked};
 use crate::data::{Batch, Sequence, IGNORE_INDEX};
 use crate::eval::{distill_metrics, DistillMetrics};
@@ -41,6 +42,14 @@ pub struct OnPolicyFile {
     pub max_new_tokens: Option<usize>,
     /// at least this many tokens of a row's start make its prompt (default 16)
     pub prompt_tokens: Option<usize>,
+    /// "gkd" (default: λ fixed) or "distillm" (adaptive, with a replay buffer: train/distillm.rs)
+    pub mode: Option<String>,
+    /// distillm: the replay buffer's size in samples (default 1000)
+    pub replay_capacity: Option<usize>,
+    /// distillm: "decreasing" (default), "constant" or "increasing"
+    pub replay_ratio: Option<String>,
+    /// distillm: the rise of the validation loss that raises the SGO probability (default 0.1)
+    pub loss_eps: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,11 +59,56 @@ pub struct OnPolicy {
     pub top_p: f64,
     pub max_new_tokens: usize,
     pub prompt_tokens: usize,
+    /// DistiLLM's adaptive mode (`fraction` is then φ's start)
+    pub adaptive: Option<DistiLLM>,
 }
 
 impl OnPolicyFile {
     pub fn resolve(&self) -> Checked<OnPolicy> {
-        let fraction = self.fraction.unwrap_or(0.5);
+        let adaptive = match self.mode.as_deref().unwrap_or("gkd") {
+            "gkd" => {
+                for (key, given) in [
+                    ("replay_capacity", self.replay_capacity.is_some()),
+                    ("replay_ratio", self.replay_ratio.is_some()),
+                    ("loss_eps", self.loss_eps.is_some()),
+                ] {
+                    if given {
+                        return Err(issue(
+                            format!("onpolicy.{key}"),
+                            "belongs to mode = \"distillm\" (this section's mode is \"gkd\")",
+                        ));
+                    }
+                }
+                None
+            }
+            "distillm" => {
+                let capacity = self.replay_capacity.unwrap_or(1000);
+                if capacity == 0 {
+                    return Err(issue("onpolicy.replay_capacity", "must be at least 1"));
+                }
+                let loss_eps = self.loss_eps.unwrap_or(0.1);
+                if !loss_eps.is_finite() {
+                    return Err(issue("onpolicy.loss_eps", "must be a finite number"));
+                }
+                Some(DistiLLM {
+                    capacity,
+                    ratio: ReplayRatio::parse(
+                        self.replay_ratio.as_deref().unwrap_or("decreasing"),
+                    )?,
+                    loss_eps,
+                })
+            }
+            m => {
+                return Err(issue(
+                    "onpolicy.mode",
+                    format!("'{m}': expected \"gkd\" or \"distillm\""),
+                ))
+            }
+        };
+        // GKD's λ, or DistiLLM's starting φ (its init_threshold, 0 by default)
+        let fraction = self
+            .fraction
+            .unwrap_or(if adaptive.is_some() { 0.0 } else { 0.5 });
         if !(0.0..=1.0).contains(&fraction) {
             return Err(issue("onpolicy.fraction", "must be in [0, 1]"));
         }
@@ -80,21 +134,25 @@ impl OnPolicyFile {
             top_p,
             max_new_tokens,
             prompt_tokens,
+            adaptive,
         })
     }
 }
 
 /// SplitMix64 of a seed mixed with two indices: a reproducible draw per (seed, a, b).
-fn draw(seed: u64, a: u64, b: u64) -> SplitMix64 {
+pub(crate) fn draw(seed: u64, a: u64, b: u64) -> SplitMix64 {
     let mut g = SplitMix64::new(seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let s = g.next_u64() ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
     SplitMix64::new(s)
 }
 
 impl OnPolicy {
-    /// Whether step `step` (from 1) trains on the student's samples: u(seed, step) < λ.
+    /// Whether step `step` (from 1) trains on the student's samples: u(seed, step) < λ (GKD; the
+    /// adaptive mode decides per micro-batch, train/distillm.rs).
     pub fn is_on_policy(&self, seed: u64, step: usize) -> bool {
-        self.fraction > 0.0 && draw(seed, step as u64, 0).next_f64() < self.fraction
+        self.adaptive.is_none()
+            && self.fraction > 0.0
+            && draw(seed, step as u64, 0).next_f64() < self.fraction
     }
 
     /// The prompt length of a sequence of T tokens: up to its first target, at least

@@ -9,6 +9,7 @@
 //! 4. write-out: the student folder, a closing summary record, then loss.png and report.md made
 //!    from the records.
 use super::checkpoint;
+use super::distillm::{self, Adaptive, Source};
 use super::faults::Faults;
 use super::hidden::{self, Projections};
 use super::optim::{lr_at, AdamW};
@@ -104,6 +105,8 @@ struct Setup {
     vocab_report: VocabReport,
     /// the ids that end a student's sample (on-policy steps)
     stop_ids: Vec<u32>,
+    /// DistiLLM's adaptive mode: φ, L_ref and the replay buffer
+    distillm: Option<Adaptive>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -138,6 +141,10 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 m.teacher_ppl,
                 m.kl
             );
+            if let Some(a) = s.distillm.as_mut() {
+                a.after_eval(m.student_ppl.ln());
+                s.state.distillm = Some(a.state());
+            }
             out.metric(&eval_record(cfg, &s, 0, &m)?)?;
             Some(m)
         }
@@ -554,7 +561,13 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         seed: cfg.run.seed,
         fingerprint: fingerprint.clone(),
         stages: None,
+        distillm: None,
     };
+    let mut adaptive = cfg
+        .onpolicy
+        .as_ref()
+        .and_then(|o| Some(Adaptive::new(o.adaptive.clone()?, o.fraction)));
+    state.distillm = adaptive.as_ref().map(Adaptive::state);
     let start = if opts.resume && holds_run(out) {
         let ck = checkpoint::latest(out)?.ok_or_else(|| {
             let broken = checkpoint::incomplete(out);
@@ -648,6 +661,15 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             .restore(st.sampler)
             .map_err(|m| Error::format(ck.join("state.json"), m))?;
         objective.restore(&st.objective)?;
+        if let Some(a) = adaptive.as_mut() {
+            let rec = st.distillm.as_ref().ok_or_else(|| {
+                Error::format(
+                    ck.join("state.json"),
+                    "[onpolicy] mode = \"distillm\", but no replay state recorded",
+                )
+            })?;
+            a.restore(rec, &ck, cfg.data.seq_len)?;
+        }
         state = st;
         tracing::info!("resuming from {} (step {})", ck.display(), state.step);
         Start::Resume(state.step)
@@ -678,6 +700,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         None => vec![],
     };
     Ok(Setup {
+        distillm: adaptive,
         stop_ids,
         pruning,
         staged,
@@ -993,21 +1016,42 @@ fn steps(
             .onpolicy
             .as_ref()
             .filter(|o| o.is_on_policy(cfg.run.seed, step));
+        // micro-batches by source: fresh student samples, replayed ones, the data's
+        let mut sources = [0usize; 3];
         for micro in 0..cfg.optim.grad_accum {
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
-            let batch = match on_policy {
+            let source = match (&s.distillm, on_policy) {
+                (Some(a), _) => a.source(cfg.run.seed, step, micro, total),
+                (None, Some(_)) => Source::Fresh,
+                (None, None) => Source::Data,
+            };
+            sources[source as usize] += 1;
+            let batch = match (source, &cfg.onpolicy) {
                 // the rows' prompts continued by the student, scored by the teacher
-                Some(o) => o.rollout(
-                    &s.student.model,
-                    &s.ds.train,
-                    &rows,
-                    cfg.run.seed,
-                    step,
-                    micro,
-                    &s.stop_ids,
-                    device,
-                )?,
-                None => Batch::new(&s.ds.train, &rows, device)?, // (B, T)
+                (Source::Fresh, Some(o)) => {
+                    let samples = o.samples(
+                        &s.student.model,
+                        &s.ds.train,
+                        &rows,
+                        cfg.run.seed,
+                        step,
+                        micro,
+                        &s.stop_ids,
+                    )?;
+                    if let Some(a) = s.distillm.as_mut() {
+                        a.push(&samples);
+                    }
+                    let idx: Vec<usize> = (0..samples.len()).collect();
+                    let mut b = Batch::new(&samples, &idx, device)?;
+                    b.rows = rows.clone();
+                    b
+                }
+                (Source::Replay, _) => {
+                    let a = s.distillm.as_ref().expect("replay is the adaptive mode's");
+                    let picked = a.pick(cfg.optim.micro_batch, cfg.run.seed, step, micro);
+                    Batch::new(&a.buffer, &picked, device)?
+                }
+                _ => Batch::new(&s.ds.train, &rows, device)?, // (B, T)
             };
             tokens += batch.counted();
             let m = micro_step(
@@ -1048,6 +1092,7 @@ fn steps(
         s.state.sampler = s.sampler.state;
         s.state.objective = s.objective.state();
         s.state.tokens_seen += tokens as u64;
+        s.state.distillm = s.distillm.as_ref().map(Adaptive::state);
         let secs = t0.elapsed().as_secs_f64();
         if step.is_multiple_of(cfg.run.log_every) || step == total {
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
@@ -1062,8 +1107,15 @@ fn steps(
             if s.teacher.is_some() && s.store.is_some() {
                 rec["store_fraction"] = json!(s.hybrid.borrow().store_fraction());
             }
-            if cfg.onpolicy.is_some() {
-                rec["on_policy"] = json!(on_policy.is_some());
+            match &s.distillm {
+                Some(a) => {
+                    rec["sources"] =
+                        json!({"fresh": sources[0], "replay": sources[1], "data": sources[2]});
+                    rec["sgo_probability"] = json!(a.phi);
+                    rec["replay_buffer"] = json!(a.buffer.len());
+                }
+                None if cfg.onpolicy.is_some() => rec["on_policy"] = json!(on_policy.is_some()),
+                None => {}
             }
             if let Some(st) = &s.state.stages {
                 rec["stage"] = json!(st.stage);
@@ -1082,7 +1134,15 @@ fn steps(
                 m.kl,
                 m.top1
             );
-            out.metric(&eval_record(cfg, s, step, &m)?)?;
+            if let Some(a) = s.distillm.as_mut() {
+                a.after_eval(m.student_ppl.ln());
+                s.state.distillm = Some(a.state());
+            }
+            let mut rec = eval_record(cfg, s, step, &m)?;
+            if let Some(a) = &s.distillm {
+                rec["sgo_probability"] = json!(a.phi);
+            }
+            out.metric(&rec)?;
             last_eval = Some(m);
         }
         if step == total
@@ -1095,6 +1155,7 @@ fn steps(
             out.checkpoint(
                 &s.student,
                 &projection_files(&s.projections),
+                &replay_files(&s.distillm),
                 &s.opt,
                 &s.state,
                 cfg.run.keep_last,
@@ -1250,6 +1311,14 @@ fn write_out(
         seconds,
         teacher_checksums: (s.teacher_checksum.clone(), teacher_after),
     })
+}
+
+/// DistiLLM's replay buffer as a file of the checkpoint (none without it or when empty).
+fn replay_files(a: &Option<Adaptive>) -> Vec<(&'static str, Vec<u8>)> {
+    a.iter()
+        .filter(|a| !a.buffer.is_empty())
+        .map(|a| (distillm::FILE, a.buffer_json()))
+        .collect()
 }
 
 /// The projections as a file of the checkpoint and of the output folder (none without them).

@@ -1,7 +1,8 @@
 //! What a checkpoint records besides the weights and the optimizer moments: enough to continue the
 //! run exactly (data position, loss-term state, counters). Training uses no other randomness: the
-//! data order is a function of (seed, epoch) and the student starts from the teacher's layers or a
-//! folder, so the sampler's position is the whole random state.
+//! data order is a function of (seed, epoch), on-policy draws of (seed, step, micro-batch), and the
+//! student starts from the teacher's layers or a folder, so the sampler's position is the whole
+//! random state.
 use crate::data::sampler::SamplerState;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -24,4 +25,8 @@ pub struct TrainState {
     /// a run in stages: the stage and the student's layers (train/stages.rs)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<super::stages::StageState>,
+    /// DistiLLM's adaptive mode: φ, L_ref and the buffer's size (train/distillm.rs; the samples
+    /// are in the checkpoint's `replay.json`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillm: Option<super::distillm::AdaptiveState>,
 }
