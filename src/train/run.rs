@@ -1097,7 +1097,7 @@ fn steps(
         if step.is_multiple_of(cfg.run.log_every) || step == total {
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
                 "lr": lr, "grad_norm": if grad_norm.is_finite() { json!(grad_norm) } else { Value::Null },
-                "tokens_per_s": tokens as f64 / secs, "skipped": skipped, "skipped_total": s.state.skipped_steps});
+                "tokens_per_s": tokens as f64 / secs, "seconds": secs, "skipped": skipped, "skipped_total": s.state.skipped_steps});
             for (n, p) in names.iter().zip(&parts) {
                 rec[n] = if skipped { Value::Null } else { json!(p) };
             }
