@@ -95,10 +95,12 @@ fn packing_cuts_a_stream_and_labels_the_next_token() {
         Example {
             ids: vec![1, 2, 3],
             target: vec![true, true, true],
+            weight: 1.0,
         },
         Example {
             ids: vec![4, 5, 6, 7],
             target: vec![false, false, true, true],
+            weight: 1.0,
         },
     ];
     let seqs = pack(&ex, 3, 0);

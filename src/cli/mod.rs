@@ -8,6 +8,7 @@ mod convert;
 mod demo;
 mod eval;
 mod generate;
+mod generate_data;
 mod inspect;
 mod prune;
 mod prune_width;
@@ -83,6 +84,21 @@ enum Command {
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
         /// Override a key of the run file, e.g. --set optim.lr=1e-4 (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Training data from the teacher: it answers a run file's [generate_data] prompts (sampled
+    /// across a temperature schedule), and the answers the student is furthest from are kept
+    /// (DASD), or it writes rationales for labelled examples (distilling step-by-step)
+    GenerateData {
+        run_file: PathBuf,
+        /// Continue the output file after its last complete batch of prompts
+        #[arg(long)]
+        resume: bool,
+        /// Replace an existing output file
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
+        /// Override a key of the run file, e.g. --set generate_data.keep=2 (repeatable)
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
@@ -168,6 +184,12 @@ pub fn run(cli: Cli) -> Result<()> {
             overwrite,
             set,
         } => train::run(&run_file, resume, overwrite, set, cli.threads, flag),
+        Command::GenerateData {
+            run_file,
+            resume,
+            overwrite,
+            set,
+        } => generate_data::run(&run_file, resume, overwrite, set, cli.threads, flag),
         Command::Demo { set, overwrite } => demo::run(set, overwrite, cli.threads, flag),
         Command::Capture(args) => capture::run(args, cli.threads, flag),
         command => {
@@ -189,7 +211,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     layers,
                     ty,
                 } => convert::run(&model, &out_dir, layers.as_deref(), ty, device),
-                Command::Train { .. } | Command::Demo { .. } | Command::Capture(_) => {
+                Command::Train { .. }
+                | Command::GenerateData { .. }
+                | Command::Demo { .. }
+                | Command::Capture(_) => {
                     unreachable!("dispatched above")
                 }
             }

@@ -6,6 +6,7 @@
 //!   [optim]   → train::optim::OptimFile [run]     → train::options::RunSection
 //!   [capture] → teacher::store::config::CaptureFile
 //!   [onpolicy] → train::onpolicy::OnPolicyFile
+//!   [generate_data] → generate::data::GenerateDataFile (read by `distill generate-data`)
 //! This module only composes them, applies `--set` overrides, and turns a problem into one line that
 //! names the user's file and line (`run.toml:12: optim.lr: must be positive`), or the `--set` that
 //! caused it.
@@ -14,6 +15,7 @@ pub mod source;
 pub use source::{apply_overrides, expand_path};
 
 use crate::data::{DataConfig, DataFile};
+use crate::generate::data::{GenerateData, GenerateDataFile};
 use crate::objective::LossTerm;
 use crate::student::{StudentConfig, StudentFile};
 use crate::teacher::config::{TeacherConfig, TeacherFile};
@@ -68,6 +70,7 @@ pub struct RunFile {
     #[serde(default)]
     pub capture: CaptureFile,
     pub onpolicy: Option<OnPolicyFile>,
+    pub generate_data: Option<GenerateDataFile>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +84,8 @@ pub struct RunConfig {
     pub capture: CaptureConfig,
     /// `[onpolicy]`: a share of steps on the student's own samples (GKD)
     pub onpolicy: Option<OnPolicy>,
+    /// `[generate_data]`: what `distill generate-data` writes (training ignores it)
+    pub generate_data: Option<GenerateData>,
 }
 
 impl RunConfig {
@@ -165,6 +170,11 @@ impl RunConfig {
         Ok(RunConfig {
             capture: f.capture.resolve(&losses)?,
             onpolicy: f.onpolicy.as_ref().map(OnPolicyFile::resolve).transpose()?,
+            generate_data: f
+                .generate_data
+                .as_ref()
+                .map(|g| g.resolve(paths, run.seed))
+                .transpose()?,
             teacher,
             student,
             data,

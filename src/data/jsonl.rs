@@ -3,6 +3,9 @@
 //!   {"prompt": "...", "response": "..."}             targets: the response (and EOS) only
 //!   {"messages": [{"role": ..., "content": ...}]}    rendered with the chat template; targets: the
 //!                                                    assistant turns only
+//! Any of them may carry `"weight": w` (a number ≥ 0, default 1): the weight of its target tokens
+//! in the objective (distilling step-by-step's λ on its rationale records); other keys are ignored
+//! (e.g. the sampling record `distill generate-data` writes beside each answer).
 //! A bad line stops the run before training with `file:line: what is wrong`.
 use super::Example;
 use crate::model::{Message, Tokenizer};
@@ -44,9 +47,21 @@ fn record(v: &Value, tok: &Tokenizer, eos: Option<u32>) -> Result<Example> {
         .as_object()
         .ok_or_else(|| Error::Invalid("expected a JSON object".into()))?;
     let enc = |s: &str| tok.encode(s, false);
+    let weight = match obj.get("weight") {
+        None => 1.0,
+        Some(w) => match w.as_f64() {
+            Some(x) if x.is_finite() && x >= 0.0 && x <= f32::MAX as f64 => x as f32,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "'weight' must be a finite number ≥ 0, got {w}"
+                )))
+            }
+        },
+    };
     let mut e = Example {
         ids: vec![],
         target: vec![],
+        weight,
     };
     if obj.contains_key("text") {
         e.push(

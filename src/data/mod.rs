@@ -23,11 +23,13 @@ pub use sampler::Sampler;
 /// definition, used by the data, the losses and evaluation.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// One document or conversation: ids and which of them are targets.
+/// One document or conversation: ids, which of them are targets, and the weight of its targets
+/// (1 unless a JSONL record gives `"weight"`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub target: Vec<bool>,
+    pub weight: f32,
 }
 
 impl Example {

@@ -1,7 +1,7 @@
 //! Cutting examples into fixed-length sequences. `labels[t]` is the id at t+1 when that token is a
 //! target, else `IGNORE_INDEX` (never counted); the last position has no next token inside the
-//! sequence. `weights[t]` is 1 where `labels[t]` counts, 0 elsewhere (the default per-token weight;
-//! data selection and mixing may change it later). Each sequence records where its tokens came from
+//! sequence. `weights[t]` is the weight of the example that holds token t+1 (1 unless its record
+//! gave one) where `labels[t]` counts, 0 elsewhere (data selection and mixing may change it later). Each sequence records where its tokens came from
 //! (`spans`), so that a per-example store can find the row's documents and offsets again.
 use super::{Example, IGNORE_INDEX};
 
@@ -73,6 +73,19 @@ pub(crate) fn sequence(
     }
 }
 
+/// `s.weights[t]` = `token_weight[t + 1]` where the label counts (the example weight of the
+/// predicted token); untouched when every weight is 1.
+fn weigh(s: &mut Sequence, token_weight: &[f32]) {
+    if token_weight.iter().all(|&w| w == 1.0) {
+        return;
+    }
+    for (t, w) in s.weights.iter_mut().enumerate() {
+        if *w != 0.0 {
+            *w = token_weight[t + 1];
+        }
+    }
+}
+
 /// The spans of stream positions [start, end) when the examples' lengths are `lens`.
 fn spans_of(lens: &[usize], start: usize, end: usize) -> Vec<Span> {
     let mut out = Vec::new();
@@ -106,12 +119,21 @@ pub fn pack(examples: &[Example], len: usize, pad: u32) -> Vec<Sequence> {
         .iter()
         .flat_map(|e| e.target.iter().copied())
         .collect();
+    let weight: Vec<f32> = examples
+        .iter()
+        .flat_map(|e| std::iter::repeat_n(e.weight, e.ids.len()))
+        .collect();
     let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     ids.chunks(len)
         .zip(target.chunks(len))
+        .zip(weight.chunks(len))
         .enumerate()
-        .filter(|(_, (c, _))| c.len() >= 2)
-        .map(|(i, (c, t))| sequence(c, t, len, pad, spans_of(&lens, i * len, i * len + c.len())))
+        .filter(|(_, ((c, _), _))| c.len() >= 2)
+        .map(|(i, ((c, t), w))| {
+            let mut s = sequence(c, t, len, pad, spans_of(&lens, i * len, i * len + c.len()));
+            weigh(&mut s, w);
+            s
+        })
         .collect()
 }
 
@@ -129,7 +151,9 @@ pub fn pad_each(examples: &[Example], len: usize, pad: u32) -> Vec<Sequence> {
                 at: 0,
                 len: n,
             };
-            sequence(&e.ids[..n], &e.target[..n], len, pad, vec![span])
+            let mut s = sequence(&e.ids[..n], &e.target[..n], len, pad, vec![span]);
+            weigh(&mut s, &vec![e.weight; n]);
+            s
         })
         .collect()
 }

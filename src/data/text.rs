@@ -26,6 +26,7 @@ pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Exampl
     let mut e = Example {
         ids: vec![],
         target: vec![],
+        weight: 1.0,
     };
     e.push(
         &tok.encode(&text, false)

@@ -1,6 +1,11 @@
 //! Text generation with a KV cache: greedy (temperature 0) or sampled with temperature and
 //! nucleus (top-p) filtering from a seeded generator; one prompt or many at once (`batched`).
+//! Training data written by a teacher (`data`: DASD's selection in `dasd`, distilling
+//! step-by-step's records in `step_by_step`).
 pub mod batched;
+pub mod dasd;
+pub mod data;
+pub mod step_by_step;
 
 pub use batched::{generate_batch, pick, Finish, Generated};
 
