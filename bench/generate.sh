@@ -5,14 +5,14 @@
 # examples/chat.jsonl (each conversation without its final answer, chat template applied), BATCH
 # at a time, greedy, EOS ignored (every answer MAX_NEW_TOKENS long), with all cores; then
 # transformers does the same. Loading is excluded from both times. Results in
-# $DISTILL_CACHE/bench/generate/.
+# $DISTILL_CACHE/bench/generate/. THREADS=1 bench/generate.sh runs both on one thread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release --bins >&2
 B=$CARGO_TARGET_DIR/release/distill
 BATCH=${1:-8} NEW=${2:-32}
-THREADS=$(nproc)
+THREADS=${THREADS:-$(nproc)}
 W="$DISTILL_CACHE/bench/generate"
 mkdir -p "$W"
 T="$DISTILL_CACHE/bench/teacher"
