@@ -159,6 +159,9 @@ impl RunConfig {
                 ));
             }
         }
+        if let crate::train::options::Length::Steps(total) = run.length {
+            crate::objective::check_windows(&losses, total)?;
+        }
         if let Some(stages) = &student.stages {
             crate::train::stages::check_run(stages, &f.run, &losses, &mut run)?;
         }

@@ -979,6 +979,7 @@ fn steps(
             faults.entered_stage(k);
         }
         let t0 = Instant::now();
+        s.objective.begin_step(step); // terms outside their `steps` window count nothing
         s.opt.zero_grad();
         let (mut loss, mut parts, mut finite, mut tokens) =
             (0.0, vec![0.0; names.len()], true, 0usize);
@@ -1053,8 +1054,13 @@ fn steps(
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
                 "lr": lr, "grad_norm": if grad_norm.is_finite() { json!(grad_norm) } else { Value::Null },
                 "tokens_per_s": tokens as f64 / secs, "skipped": skipped, "skipped_total": s.state.skipped_steps});
-            for (n, p) in names.iter().zip(&parts) {
-                rec[n] = if skipped { Value::Null } else { json!(p) };
+            for (i, (n, p)) in names.iter().zip(&parts).enumerate() {
+                // a term outside its step window is logged as null
+                rec[n] = if skipped || !s.objective.active(i) {
+                    Value::Null
+                } else {
+                    json!(p)
+                };
             }
             for (name, values) in s.objective.log_values() {
                 rec[name] = json!(values);
