@@ -6,6 +6,7 @@
 //!   [optim]   → train::optim::OptimFile [run]     → train::options::RunSection
 //!   [capture] → teacher::store::config::CaptureFile
 //!   [onpolicy] → train::onpolicy::OnPolicyFile
+//!   [paced]   → train::paced::PacedFile
 //! This module only composes them, applies `--set` overrides, and turns a problem into one line that
 //! names the user's file and line (`run.toml:12: optim.lr: must be positive`), or the `--set` that
 //! caused it.
@@ -20,6 +21,7 @@ use crate::teacher::config::{TeacherConfig, TeacherFile};
 use crate::teacher::store::config::{CaptureConfig, CaptureFile};
 use crate::train::onpolicy::{OnPolicy, OnPolicyFile};
 use crate::train::optim::{OptimConfig, OptimFile};
+use crate::train::paced::{Paced, PacedFile};
 use crate::train::options::{RunOptions, RunSection};
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -68,6 +70,7 @@ pub struct RunFile {
     #[serde(default)]
     pub capture: CaptureFile,
     pub onpolicy: Option<OnPolicyFile>,
+    pub paced: Option<PacedFile>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +84,8 @@ pub struct RunConfig {
     pub capture: CaptureConfig,
     /// `[onpolicy]`: a share of steps on the student's own samples (GKD)
     pub onpolicy: Option<OnPolicy>,
+    /// `[paced]`: rows weighted by the student's pass rate on their problem (PACED)
+    pub paced: Option<Paced>,
 }
 
 impl RunConfig {
@@ -159,6 +164,12 @@ impl RunConfig {
                 ));
             }
         }
+        if f.paced.is_some() && data.packing {
+            return Err(issue(
+                "data.packing",
+                "must be false with [paced]: each row must be one {prompt, response, answer} record",
+            ));
+        }
         if let crate::train::options::Length::Steps(total) = run.length {
             crate::objective::check_windows(&losses, total)?;
         }
@@ -168,6 +179,7 @@ impl RunConfig {
         Ok(RunConfig {
             capture: f.capture.resolve(&losses)?,
             onpolicy: f.onpolicy.as_ref().map(OnPolicyFile::resolve).transpose()?,
+            paced: f.paced.as_ref().map(PacedFile::resolve).transpose()?,
             teacher,
             student,
             data,

@@ -2,7 +2,9 @@
 //! (`optim`), the `[run]` options (`options`), the output folder (`output`), checkpoints
 //! (`checkpoint`), the state a checkpoint carries (`state`), the hidden-state terms' layer maps and
 //! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`), a run in
-//! stages (`stages`: progressive pruning) and the fault-test hooks (`faults`).
+//! stages (`stages`: progressive pruning), PACED's pass-rate weights (`paced`) with the answer
+//! checks (`answer_check`), and the fault-test hooks (`faults`).
+pub mod answer_check;
 pub mod checkpoint;
 pub mod faults;
 pub mod hidden;
@@ -10,6 +12,7 @@ pub mod onpolicy;
 pub mod optim;
 pub mod options;
 pub mod output;
+pub mod paced;
 pub mod run;
 pub mod stages;
 pub mod state;

@@ -14,6 +14,7 @@ use super::hidden::{self, Projections};
 use super::optim::{lr_at, AdamW};
 use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
+use super::paced::PacedRun;
 use super::stages::{self, StageState, Staged};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
@@ -102,8 +103,10 @@ struct Setup {
     /// the teacher's distribution in the student's ids, and what the check found
     vocab: VocabMap,
     vocab_report: VocabReport,
-    /// the ids that end a student's sample (on-policy steps)
+    /// the ids that end a student's sample (on-policy steps, PACED's rollouts)
     stop_ids: Vec<u32>,
+    /// PACED: the problems and the rows' weights (train/paced.rs)
+    paced: Option<PacedRun>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -280,6 +283,7 @@ fn fingerprint_of(
         ("optim.loss_chunk", o.loss_chunk.to_string()),
         ("run.seed", cfg.run.seed.to_string()),
         ("onpolicy", format!("{:?}", cfg.onpolicy)),
+        ("paced", format!("{:?}", cfg.paced)),
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
@@ -435,6 +439,19 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.train.display()
         )));
     }
+    let mut paced = match &cfg.paced {
+        Some(o) => Some(
+            PacedRun::new(
+                o.clone(),
+                &ds.train,
+                &ds.answers,
+                &ds.validation,
+                &ds.validation_answers,
+            )
+                .map_err(|e| Error::format(&cfg.data.train, e.to_string()))?,
+        ),
+        None => None,
+    };
     let total = total_steps(cfg, ds.train.len());
     let store = match &cfg.teacher.store {
         Some(dir) => Some(open_store(cfg, dir, teacher.as_ref(), tok, &ds, total)?),
@@ -554,6 +571,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         seed: cfg.run.seed,
         fingerprint: fingerprint.clone(),
         stages: None,
+        paced: None,
     };
     let start = if opts.resume && holds_run(out) {
         let ck = checkpoint::latest(out)?.ok_or_else(|| {
@@ -648,6 +666,20 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             .restore(st.sampler)
             .map_err(|m| Error::format(ck.join("state.json"), m))?;
         objective.restore(&st.objective)?;
+        // PACED: the weights of the table the uninterrupted run used
+        match (paced.as_mut(), &st.paced) {
+            (Some(p), Some(t)) => {
+                p.apply(t)
+                    .map_err(|e| Error::format(ck.join("state.json"), e.to_string()))?;
+            }
+            (Some(_), None) if st.step > 0 => {
+                return Err(Error::format(
+                    ck.join("state.json"),
+                    "a PACED run, but no pass-rate table recorded",
+                ))
+            }
+            _ => {}
+        }
         state = st;
         tracing::info!("resuming from {} (step {})", ck.display(), state.step);
         Start::Resume(state.step)
@@ -678,6 +710,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         None => vec![],
     };
     Ok(Setup {
+        paced,
         stop_ids,
         pruning,
         staged,
@@ -915,6 +948,18 @@ fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
 fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> Result<Value> {
     let mut rec = json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
            "kl": m.kl, "top1": m.top1, "tokens": m.tokens});
+    // PACED: the student's pass rate on the validation problems
+    if let (Some(p), Some(tok)) = (&s.paced, &s.student.tokenizer) {
+        if let Some(rate) = p.validation_pass_rate(
+            &s.student.model,
+            tok,
+            cfg.run.seed,
+            &s.stop_ids,
+            PACED_ROLLOUT_ROWS,
+        )? {
+            rec["paced_pass_rate"] = json!(rate);
+        }
+    }
     if let Some(o) = &cfg.onpolicy {
         let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
         let (om, samples) = o.evaluate(
@@ -942,6 +987,9 @@ fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> R
 }
 
 // ---------------------------------------------------------------- 3. steps
+
+/// Rows per batched generation of PACED's rollouts (whole problems per call).
+const PACED_ROLLOUT_ROWS: usize = 64;
 
 fn progress_bar(total: usize, at: usize) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(total as u64);
@@ -978,6 +1026,31 @@ fn steps(
             enter_stage(cfg, s, out, k)?;
             faults.entered_stage(k);
         }
+        // PACED: the pass rates, before the first step and every `refresh_every` steps
+        if let Some(p) = s.paced.as_mut() {
+            if p.due(s.state.paced.as_ref(), s.state.step) {
+                let t = Instant::now();
+                let tok = s.student.tokenizer.as_ref().ok_or_else(|| {
+                    Error::format(&s.student.source, "the student has no tokenizer")
+                })?;
+                let table = p.measure(
+                    &s.student.model,
+                    tok,
+                    cfg.run.seed,
+                    s.state.step,
+                    &s.stop_ids,
+                    PACED_ROLLOUT_ROWS,
+                )?;
+                let uniform = p.apply(&table)?;
+                if uniform {
+                    tracing::warn!(
+                        "paced: every problem has weight 0 (pass rates all 0 or 1): uniform weights until the next refresh"
+                    );
+                }
+                out.metric(&p.record(&table, uniform, t.elapsed().as_secs_f64()))?;
+                s.state.paced = Some(table);
+            }
+        }
         let t0 = Instant::now();
         s.objective.begin_step(step); // terms outside their `steps` window count nothing
         s.opt.zero_grad();
@@ -996,7 +1069,7 @@ fn steps(
             .filter(|o| o.is_on_policy(cfg.run.seed, step));
         for micro in 0..cfg.optim.grad_accum {
             let rows = s.sampler.next_batch(cfg.optim.micro_batch);
-            let batch = match on_policy {
+            let mut batch = match on_policy {
                 // the rows' prompts continued by the student, scored by the teacher
                 Some(o) => o.rollout(
                     &s.student.model,
@@ -1010,13 +1083,18 @@ fn steps(
                 )?,
                 None => Batch::new(&s.ds.train, &rows, device)?, // (B, T)
             };
+            // PACED: each row's tokens weighted by its problem's w, the value by Σ w·m / Σ m
+            let mut micro_opts = step_opts;
+            if let Some(p) = &s.paced {
+                micro_opts.scale *= p.weigh(&mut batch)?;
+            }
             tokens += batch.counted();
             let m = micro_step(
                 &s.student.model,
                 Some(teacher.as_ref()),
                 &s.objective,
                 &batch,
-                &step_opts,
+                &micro_opts,
             )?;
             if !m.finite {
                 finite = false;

@@ -24,4 +24,7 @@ pub struct TrainState {
     /// a run in stages: the stage and the student's layers (train/stages.rs)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<super::stages::StageState>,
+    /// PACED: the pass-rate table the run weights its rows by (train/paced.rs)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paced: Option<super::paced::PacedState>,
 }
