@@ -46,12 +46,13 @@ impl AnswerCheck {
             "numeric" => Ok(AnswerCheck::Numeric),
             _ => match s.strip_prefix("regex:") {
                 Some("") => Err("'regex:' needs a pattern after the colon".into()),
-                Some(p) => Regex::new(p)
-                    .map(AnswerCheck::Regex)
-                    .map_err(|e| format!("invalid regular expression {p:?}: {e}")),
-                None => Err(format!(
-                    "'{s}' is not one of exact, numeric, regex:PATTERN"
-                )),
+                Some(p) => Regex::new(p).map(AnswerCheck::Regex).map_err(|e| {
+                    // the regex crate's message spans lines: one line for the error
+                    let msg: Vec<String> =
+                        e.to_string().split_whitespace().map(String::from).collect();
+                    format!("invalid regular expression {p:?}: {}", msg.join(" "))
+                }),
+                None => Err(format!("'{s}' is not one of exact, numeric, regex:PATTERN")),
             },
         }
     }
@@ -129,9 +130,13 @@ mod tests {
         assert!(!c.passes("no match", "42"));
         let whole = AnswerCheck::parse(r"regex:\d+").unwrap();
         assert!(whole.passes("x 17 y 18", "17"));
-        assert!(AnswerCheck::parse("regex:(").unwrap_err().contains("invalid regular"));
+        assert!(AnswerCheck::parse("regex:(")
+            .unwrap_err()
+            .contains("invalid regular"));
         assert!(AnswerCheck::parse("regex:").is_err());
-        assert!(AnswerCheck::parse("fuzzy").unwrap_err().contains("not one of"));
+        assert!(AnswerCheck::parse("fuzzy")
+            .unwrap_err()
+            .contains("not one of"));
         assert_eq!(whole.name(), r"regex:\d+");
     }
 }

@@ -107,7 +107,10 @@ impl PacedFile {
             .map_err(|m| issue("paced.check", m))?;
         let floor = self.floor.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&floor) {
-            return Err(issue("paced.floor", format!("must be in [0, 1], got {floor}")));
+            return Err(issue(
+                "paced.floor",
+                format!("must be in [0, 1], got {floor}"),
+            ));
         }
         Ok(Paced {
             rollouts,
@@ -165,7 +168,9 @@ pub fn problems(train: &[Sequence], answers: &[Option<String>]) -> Vec<Problem> 
 
 /// The seed of rollout `rollout` of problem `problem` at the refresh after `at` steps.
 pub fn rollout_seed(seed: u64, at: usize, problem: usize, rollout: usize) -> u64 {
-    let mut g = SplitMix64::new(seed ^ 0x5041_4345_4400_0000 ^ (at as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut g = SplitMix64::new(
+        seed ^ 0x5041_4345_4400_0000 ^ (at as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let a = g.next_u64() ^ (problem as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
     let mut g = SplitMix64::new(a);
     let b = g.next_u64() ^ (rollout as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
@@ -241,15 +246,8 @@ impl PacedRun {
         stop_ids: &[u32],
         batch_rows: usize,
     ) -> Result<PacedState> {
-        let passes = self.count_passes(
-            &self.problems,
-            student,
-            tok,
-            seed,
-            at,
-            stop_ids,
-            batch_rows,
-        )?;
+        let passes =
+            self.count_passes(&self.problems, student, tok, seed, at, stop_ids, batch_rows)?;
         Ok(PacedState {
             at,
             rollouts: self.options.rollouts,
@@ -353,7 +351,7 @@ impl PacedRun {
         Ok(uniform)
     }
 
-    /// The metrics record of a refresh (after `apply`).
+    /// The metrics record of a refresh.
     pub fn record(&self, table: &PacedState, uniform: bool, seconds: f64) -> Value {
         let n = table.rollouts;
         let mut histogram = vec![0usize; n + 1];
@@ -362,10 +360,12 @@ impl PacedRun {
         }
         let count = table.passes.len() as f64;
         let mean_p = table.passes.iter().map(|&k| k as f64).sum::<f64>() / (n as f64 * count);
-        let zero = self
-            .problems
+        // the share whose kernel value is 0 (before any uniform fall-back)
+        let o = &self.options;
+        let zero = table
+            .passes
             .iter()
-            .filter(|p| self.row_weights[p.row] == 0.0)
+            .filter(|&&k| kernel(k as f64 / n as f64, o.alpha, o.beta, o.floor) == 0.0)
             .count() as f64
             / count;
         json!({"kind": "paced", "step": table.at + 1, "after_steps": table.at,

@@ -448,7 +448,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
                 &ds.validation,
                 &ds.validation_answers,
             )
-                .map_err(|e| Error::format(&cfg.data.train, e.to_string()))?,
+            .map_err(|e| Error::format(&cfg.data.train, e.to_string()))?,
         ),
         None => None,
     };
