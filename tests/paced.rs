@@ -151,9 +151,8 @@ fn reference_weights(passes: &[u32], n: u32, alpha: f64, beta: f64, floor: f64) 
         .iter()
         .map(|&k| {
             let p = k as f64 / n as f64;
-            let w = if p == 0.0 && alpha > 0.0 {
-                0.0
-            } else if p == 1.0 && beta > 0.0 {
+            // 0^0 = 1: α = 0 leaves p = 0 its weight (1 − 0)^β
+            let w = if (p == 0.0 && alpha > 0.0) || (p == 1.0 && beta > 0.0) {
                 0.0
             } else {
                 p.powf(alpha) * (1.0 - p).powf(beta)

@@ -17,8 +17,8 @@
 //!   - a training row's per-token weights are multiplied by its problem's w (rows of examples
 //!     without an answer keep weight 1), and the micro-batch's value is scaled by
 //!     Σ_t w_k(t)·m_t / Σ_t m_t (m the unweighted token weights), so that the objective is
-//!       Σ_t w_k(t) · m_t · ℓ_t / Σ_t m_t
-//!     — the unweighted token mean with each token scaled by its problem's weight — rather than a
+//!     Σ_t w_k(t) · m_t · ℓ_t / Σ_t m_t,
+//!     the unweighted token mean with each token scaled by its problem's weight, rather than a
 //!     mean re-normalised by the weights, which would undo the weighting of a batch whose problems
 //!     all have small w;
 //!   - the pass-rate table goes into the checkpoint (`TrainState::paced`), and each refresh is a
