@@ -392,6 +392,8 @@ fn the_recorded_pass_counts_are_the_rollouts_regenerated_and_checked_here() {
     assert_eq!(tables[0]["mean_p"].as_f64().unwrap(), mean);
     let zero = passes.iter().filter(|&&p| p == 0 || p == 4).count() as f64 / passes.len() as f64;
     assert_eq!(tables[0]["zero_weight_share"].as_f64().unwrap(), zero);
+    let report = std::fs::read_to_string(s.path("p/report.md")).unwrap();
+    assert!(report.contains("PACED pass rates"), "{report}");
     // the per-problem table of the first refresh, via the library on the same student
     let mut r =
         PacedRun::new(cfg.paced.clone().unwrap(), &ds.train, &ds.answers, &[], &[]).unwrap();
