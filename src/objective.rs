@@ -13,6 +13,11 @@
 //! vocabulary: `compute` leaves them at 0 and `compute_hidden` evaluates them, once per micro-batch,
 //! on the states of the layers `hidden_layers` names, with the wiring set-up gave each
 //! (`wire_hidden`: its layer pairs and projection). The two values add up to the objective.
+//! A term may have a step window (`steps = [first, last]`, inclusive, optimizer steps from 1): once
+//! the training loop has said which step it computes (`begin_step`), a term outside its window
+//! contributes nothing (its part is 0, its state does not advance, and the train record logs it as
+//! null). Without `begin_step` (evaluation, tests) every term counts. PACED's two stages are
+//! `forward_kl` with `steps = [1, k]` and `reverse_kl` with `steps = [k + 1, total]`.
 use crate::losses::hidden::HiddenInput;
 use crate::losses::reduced::{same_temperature, Reduced};
 use crate::losses::registry::{self, BuildContext, Loss, LossInput, LossSpec, Params, Reads};
@@ -29,6 +34,8 @@ pub struct LossTerm {
     pub params: Params,
     pub weight: f64,
     pub layers: Option<Vec<(usize, usize)>>,
+    /// the optimizer steps (from 1, inclusive) at which the term counts; None = every step
+    pub steps: Option<(usize, usize)>,
 }
 
 impl LossTerm {
@@ -55,6 +62,7 @@ impl LossTerm {
             params,
             weight,
             layers: None,
+            steps: None,
         })
     }
 
@@ -75,12 +83,33 @@ impl LossTerm {
         })
     }
 
+    /// The same term counted only at optimizer steps first..=last (1 ≤ first ≤ last).
+    pub fn with_steps(self, first: usize, last: usize) -> std::result::Result<Self, String> {
+        if first == 0 || first > last {
+            return Err(format!(
+                "steps must be [first, last] with 1 ≤ first ≤ last, got [{first}, {last}]"
+            ));
+        }
+        Ok(LossTerm {
+            steps: Some((first, last)),
+            ..self
+        })
+    }
+
+    /// Whether the term counts at optimizer step `step` (from 1).
+    pub fn active_at(&self, step: usize) -> bool {
+        self.steps.is_none_or(|(a, b)| (a..=b).contains(&step))
+    }
+
     /// "forward_kl(temperature=1)", "hidden(metric=cosine, layers=[[0, 2]])" for reports.
     pub fn describe(&self) -> String {
         let mut ps = self.params.describe(self.spec);
         if let Some(l) = &self.layers {
             let pairs: Vec<String> = l.iter().map(|(s, t)| format!("[{s}, {t}]")).collect();
             ps.push(format!("layers=[{}]", pairs.join(", ")));
+        }
+        if let Some((a, b)) = self.steps {
+            ps.push(format!("steps=[{a}, {b}]"));
         }
         format!("{}({})", self.spec.name, ps.join(", "))
     }
@@ -107,6 +136,10 @@ pub struct Objective {
     names: Vec<String>,
     /// per term: its wiring when it reads hidden states (set by `wire_hidden`)
     wiring: Vec<Option<HiddenWiring>>,
+    /// per term: its step window (None = every step)
+    windows: Vec<Option<(usize, usize)>>,
+    /// the step being computed (`begin_step`); None = every term counts
+    step: Option<usize>,
 }
 
 /// The total (with its graph) and each term's value (unweighted, detached).
@@ -120,6 +153,8 @@ impl Objective {
         let ctx = BuildContext { total_steps };
         let mut out = Vec::new();
         let mut names: Vec<String> = Vec::new();
+        check_windows(terms, total_steps)
+            .map_err(|i| Error::Invalid(format!("{}: {}", i.key, i.msg)))?;
         for t in terms {
             let base = t.spec.name.to_string();
             let n = names
@@ -138,7 +173,23 @@ impl Objective {
             terms: out,
             names,
             wiring,
+            windows: terms.iter().map(|t| t.steps).collect(),
+            step: None,
         })
+    }
+
+    /// The optimizer step (from 1) that the following `compute`s belong to: terms outside their
+    /// step window contribute nothing until the next call.
+    pub fn begin_step(&mut self, step: usize) {
+        self.step = Some(step);
+    }
+
+    /// Whether term `i` counts at the current step (every term before `begin_step`).
+    pub fn active(&self, i: usize) -> bool {
+        match (self.step, self.windows.get(i).copied().flatten()) {
+            (Some(s), Some((a, b))) => (a..=b).contains(&s),
+            _ => true,
+        }
     }
 
     fn reads_hidden(loss: &dyn Loss) -> bool {
@@ -228,7 +279,7 @@ impl Objective {
         let mut total = Tensor::f_zeros([], (Kind::Float, weights.device()))?;
         let mut parts = Vec::with_capacity(self.terms.len());
         for (i, ((loss, weight), name)) in self.terms.iter().zip(&self.names).enumerate() {
-            if !Self::reads_hidden(loss.as_ref()) {
+            if !Self::reads_hidden(loss.as_ref()) || !self.active(i) {
                 parts.push(Tensor::f_zeros([], (Kind::Float, weights.device()))?);
                 continue;
             }
@@ -342,9 +393,9 @@ impl Objective {
         let kind = crate::losses::compute_kind(student);
         let mut total = Tensor::f_zeros([], (kind, student.device()))?;
         let mut parts = Vec::with_capacity(self.terms.len());
-        for (loss, weight) in &self.terms {
-            if Self::reads_hidden(loss.as_ref()) {
-                // evaluated once per micro-batch by `compute_hidden`
+        for (i, (loss, weight)) in self.terms.iter().enumerate() {
+            if Self::reads_hidden(loss.as_ref()) || !self.active(i) {
+                // evaluated once per micro-batch by `compute_hidden`; or outside its step window
                 parts.push(Tensor::f_zeros([], (Kind::Float, student.device()))?);
                 continue;
             }
@@ -384,8 +435,11 @@ impl Objective {
     /// After optimizer step `step`, whose terms had the (unweighted) values `parts`: advance the
     /// stateful terms, each with its own value (TAID's λ follows TAID's loss).
     pub fn after_step(&mut self, parts: &[f64], step: usize) {
-        for ((loss, _), &value) in self.terms.iter_mut().zip(parts) {
-            loss.after_step(value, step);
+        let active: Vec<bool> = (0..self.terms.len()).map(|i| self.active(i)).collect();
+        for (((loss, _), &value), on) in self.terms.iter_mut().zip(parts).zip(active) {
+            if on {
+                loss.after_step(value, step);
+            }
         }
     }
 
@@ -425,7 +479,8 @@ impl Objective {
 
 /// The run file's `[[loss]]` tables: `kind`, `weight` (1 by default, > 0) and the kind's own
 /// parameters, each checked against the registry (a `Choice` parameter written as its name), and
-/// for a kind that reads hidden states `layers = [[student, teacher], ...]`. At least one term.
+/// for a kind that reads hidden states `layers = [[student, teacher], ...]`; `steps = [first, last]`
+/// (optional, inclusive, from 1) limits the term to those optimizer steps. At least one term.
 pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm>> {
     use crate::config::issue;
     if tables.is_empty() {
@@ -480,7 +535,14 @@ pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm
         };
         let mut given = Vec::new();
         let mut layers = None;
-        for (k, v) in t.iter().filter(|(k, _)| *k != "kind" && *k != "weight") {
+        let steps = match t.get("steps") {
+            Some(v) => Some(step_window(&at("steps"), v)?),
+            None => None,
+        };
+        for (k, v) in t
+            .iter()
+            .filter(|(k, _)| *k != "kind" && *k != "weight" && *k != "steps")
+        {
             if k == "layers" && spec.reads == Reads::Hidden {
                 layers = Some(layer_pairs(&at(k), v)?);
                 continue;
@@ -504,7 +566,7 @@ pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm
                     if known {
                         format!("'{k}' does not apply to '{kind}' (it takes: {takes})")
                     } else {
-                        format!("unknown field '{k}', expected one of kind, weight, {takes}")
+                        format!("unknown field '{k}', expected one of kind, weight, steps, {takes}")
                     },
                 ));
             }
@@ -551,9 +613,55 @@ pub fn loss_terms(tables: &[toml::Table]) -> crate::config::Checked<Vec<LossTerm
             Some(l) => term.with_layers(l).map_err(|m| issue(at("layers"), m))?,
             None => term,
         };
+        let term = match steps {
+            Some((a, b)) => term.with_steps(a, b).map_err(|m| issue(at("steps"), m))?,
+            None => term,
+        };
         terms.push(term);
     }
     Ok(terms)
+}
+
+/// The terms' step windows against a run of `total` steps: none ends after it, and every step has
+/// at least one term that counts.
+pub fn check_windows(terms: &[LossTerm], total: usize) -> crate::config::Checked<()> {
+    use crate::config::issue;
+    for (i, t) in terms.iter().enumerate() {
+        if let Some((_, last)) = t.steps.filter(|&(_, last)| last > total) {
+            return Err(issue(
+                format!("loss.{i}.steps"),
+                format!("ends at step {last}, after the run's {total} steps"),
+            ));
+        }
+    }
+    if let Some(step) = (1..=total).find(|&s| !terms.iter().any(|t| t.active_at(s))) {
+        return Err(issue(
+            "loss",
+            format!("no [[loss]] term counts at step {step} (the 'steps' windows leave it out)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `steps = [first, last]`: two integers ≥ 1 (checked against each other by `with_steps`).
+fn step_window(key: &str, v: &toml::Value) -> crate::config::Checked<(usize, usize)> {
+    use crate::config::issue;
+    let bad = || {
+        issue(
+            key,
+            "expected [first, last]: the optimizer steps (from 1, inclusive) at which the term counts",
+        )
+    };
+    match v {
+        toml::Value::Array(a) if a.len() == 2 => {
+            let n = |x: &toml::Value| match x {
+                toml::Value::Integer(i) if *i >= 1 && *i <= u32::MAX as i64 => Ok(*i as usize),
+                _ => Err(bad()),
+            };
+            Ok((n(&a[0])?, n(&a[1])?))
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// `layers = [[s, t], ...]`: pairs of layer indices (student, teacher), at least one.

@@ -204,6 +204,38 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
             }
         }
     }
+    // PACED: each refresh of the pass rates, and the validation pass rate before and after
+    let paced: Vec<&Value> = records
+        .iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("paced"))
+        .collect();
+    if !paced.is_empty() {
+        o += "\n## PACED pass rates\n\nEach training problem weighted by w(p) = p^α (1 − p)^β of the \
+              student's pass rate p over its rollouts (`[paced]`); histogram: problems per number of \
+              passing rollouts.\n\n| first step weighted | problems | mean p | histogram | share with w = 0 | uniform fall-back |\n|---|---|---|---|---|---|\n";
+        for r in &paced {
+            o += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                s(&r["step"]),
+                s(&r["problems"]),
+                f(&r["mean_p"], 3),
+                r["histogram"],
+                f(&r["zero_weight_share"], 3),
+                s(&r["uniform_fallback"])
+            );
+        }
+        let rate = |r: &Value| r.get("paced_pass_rate").map(|v| f(v, 3));
+        if let Some(b) = record(records, "eval", Some(0)).and_then(rate) {
+            o += &format!("\nValidation pass rate: before {b}");
+            if let Some(a) = last
+                .filter(|r| r["step"].as_u64() != Some(0))
+                .and_then(rate)
+            {
+                o += &format!(", after {a}");
+            }
+            o += "\n";
+        }
+    }
     // a run in stages: a line per stage, the student right after its cut and at its last step
     let stages: Vec<&Value> = records
         .iter()

@@ -7,6 +7,7 @@
 //!   [capture] → teacher::store::config::CaptureFile
 //!   [onpolicy] → train::onpolicy::OnPolicyFile
 //!   [generate_data] → generate::data::GenerateDataFile (read by `distill generate-data`)
+//!   [paced]   → train::paced::PacedFile
 //! This module only composes them, applies `--set` overrides, and turns a problem into one line that
 //! names the user's file and line (`run.toml:12: optim.lr: must be positive`), or the `--set` that
 //! caused it.
@@ -23,6 +24,7 @@ use crate::teacher::store::config::{CaptureConfig, CaptureFile};
 use crate::train::onpolicy::{OnPolicy, OnPolicyFile};
 use crate::train::optim::{OptimConfig, OptimFile};
 use crate::train::options::{RunOptions, RunSection};
+use crate::train::paced::{Paced, PacedFile};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,7 @@ pub struct RunFile {
     pub capture: CaptureFile,
     pub onpolicy: Option<OnPolicyFile>,
     pub generate_data: Option<GenerateDataFile>,
+    pub paced: Option<PacedFile>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +89,8 @@ pub struct RunConfig {
     pub onpolicy: Option<OnPolicy>,
     /// `[generate_data]`: what `distill generate-data` writes (training ignores it)
     pub generate_data: Option<GenerateData>,
+    /// `[paced]`: rows weighted by the student's pass rate on their problem (PACED)
+    pub paced: Option<Paced>,
 }
 
 impl RunConfig {
@@ -164,6 +169,23 @@ impl RunConfig {
                 ));
             }
         }
+        if f.paced.is_some()
+            && f.onpolicy.as_ref().and_then(|o| o.mode.as_deref()) == Some("distillm")
+        {
+            return Err(issue(
+                "paced",
+                "cannot go with [onpolicy] mode = \"distillm\": a replayed sample has no problem to weigh it by",
+            ));
+        }
+        if f.paced.is_some() && data.packing {
+            return Err(issue(
+                "data.packing",
+                "must be false with [paced]: each row must be one {prompt, response, answer} record",
+            ));
+        }
+        if let crate::train::options::Length::Steps(total) = run.length {
+            crate::objective::check_windows(&losses, total)?;
+        }
         if let Some(stages) = &student.stages {
             crate::train::stages::check_run(stages, &f.run, &losses, &mut run)?;
         }
@@ -175,6 +197,7 @@ impl RunConfig {
                 .as_ref()
                 .map(|g| g.resolve(paths, run.seed))
                 .transpose()?,
+            paced: f.paced.as_ref().map(PacedFile::resolve).transpose()?,
             teacher,
             student,
             data,

@@ -1,6 +1,9 @@
 //! JSONL records, one per line:
 //!   {"text": "..."}                                  every token a target
 //!   {"prompt": "...", "response": "..."}             targets: the response (and EOS) only
+//!   {"prompt", "response", "answer": "..."}          the same, with the checkable final answer of
+//!                                                    the task (kept beside the example, not
+//!                                                    trained on: PACED's pass rates)
 //!   {"messages": [{"role": ..., "content": ...}]}    rendered with the chat template; targets: the
 //!                                                    assistant turns only
 //! Any of them may carry `"weight": w` (a number ≥ 0, default 1): the weight of its target tokens
@@ -14,7 +17,33 @@ use serde_json::Value;
 use std::path::Path;
 
 pub fn read(path: &Path, tok: &Tokenizer, eos: Option<u32>) -> Result<Vec<Example>> {
-    records(path, |_, v| record(v, tok, eos))
+    Ok(read_with_answers(path, tok, eos)?
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect())
+}
+
+/// The examples with each record's `"answer"` (None where it has none).
+pub fn read_with_answers(
+    path: &Path,
+    tok: &Tokenizer,
+    eos: Option<u32>,
+) -> Result<Vec<(Example, Option<String>)>> {
+    records(path, |_, v| Ok((record(v, tok, eos)?, answer(v)?)))
+}
+
+/// A record's `"answer"`: a string, on a {prompt, response} record only (the answer of a task
+/// whose prompt the student can be given).
+fn answer(v: &Value) -> Result<Option<String>> {
+    match v.get("answer") {
+        None => Ok(None),
+        Some(Value::String(a)) if v.get("prompt").is_some() => Ok(Some(a.clone())),
+        Some(Value::String(_)) => Err(Error::Invalid(
+            "'answer' goes with {\"prompt\", \"response\"} records (the prompt is what the student answers)"
+                .into(),
+        )),
+        Some(_) => Err(Error::Invalid("'answer' must be a string".into())),
+    }
 }
 
 /// Each non-blank line of a JSONL file parsed and passed to `f` with its line number (from 1); an

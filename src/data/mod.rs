@@ -43,6 +43,12 @@ pub struct Dataset {
     pub train: Vec<Sequence>,
     pub validation: Vec<Sequence>,
     pub train_tokens: usize,
+    /// each training example's checkable answer (a JSONL record's "answer"), by the example index
+    /// that `Sequence::spans` give
+    pub answers: Vec<Option<String>>,
+    /// the same for the validation sequences' examples (the training list when they are held out
+    /// of it)
+    pub validation_answers: Vec<Option<String>>,
 }
 
 /// The files under `path` (itself if a file; a folder's regular files sorted by name).
@@ -73,15 +79,20 @@ fn read_examples(
     tok: &Tokenizer,
     eos: Option<u32>,
     max_tokens: Option<usize>,
-) -> Result<Vec<Example>> {
+) -> Result<(Vec<Example>, Vec<Option<String>>)> {
     let mut out = Vec::new();
+    let mut answers = Vec::new();
     let mut tokens = 0usize;
     for f in files_of(path)? {
         let examples = match format {
-            DataFormat::Text => text::read(&f, tok, eos)?,
-            DataFormat::Jsonl => jsonl::read(&f, tok, eos)?,
+            DataFormat::Text => text::read(&f, tok, eos)?
+                .into_iter()
+                .map(|e| (e, None))
+                .collect(),
+            DataFormat::Jsonl => jsonl::read_with_answers(&f, tok, eos)?,
         };
-        for mut e in examples {
+        for (mut e, a) in examples {
+            answers.push(a);
             // the limit counts tokens: the example that crosses it is cut there
             if let Some(m) = max_tokens {
                 let left = m - tokens;
@@ -89,14 +100,14 @@ fn read_examples(
                     e.ids.truncate(left);
                     e.target.truncate(left);
                     out.push(e);
-                    return Ok(out);
+                    return Ok((out, answers));
                 }
             }
             tokens += e.ids.len();
             out.push(e);
         }
     }
-    Ok(out)
+    Ok((out, answers))
 }
 
 fn to_sequences(examples: &[Example], cfg: &DataConfig, pad: u32) -> Vec<Sequence> {
@@ -110,7 +121,8 @@ fn to_sequences(examples: &[Example], cfg: &DataConfig, pad: u32) -> Vec<Sequenc
 /// Read, tokenise and cut the training (and validation) data. Refuses data with no target token.
 pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Dataset> {
     let pad = eos.unwrap_or(0);
-    let train_ex = read_examples(&cfg.train, cfg.format, tok, eos, cfg.max_train_tokens)?;
+    let (train_ex, answers) =
+        read_examples(&cfg.train, cfg.format, tok, eos, cfg.max_train_tokens)?;
     let mut train = to_sequences(&train_ex, cfg, pad);
     let targets = |s: &[Sequence]| s.iter().map(Sequence::counted).sum::<usize>();
     if targets(&train) == 0 {
@@ -119,9 +131,11 @@ pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Datas
             "empty data: no token to train on",
         ));
     }
+    let mut validation_answers = answers.clone();
     let mut validation = match &cfg.validation {
         Some(v) => {
-            let ex = read_examples(v, cfg.format, tok, eos, None)?;
+            let (ex, a) = read_examples(v, cfg.format, tok, eos, None)?;
+            validation_answers = a;
             let seqs = to_sequences(&ex, cfg, pad);
             if targets(&seqs) == 0 {
                 return Err(Error::format(
@@ -146,5 +160,7 @@ pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Datas
         train,
         validation,
         train_tokens,
+        answers,
+        validation_answers,
     })
 }

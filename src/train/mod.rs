@@ -2,8 +2,10 @@
 //! (`optim`), the `[run]` options (`options`), the output folder (`output`), checkpoints
 //! (`checkpoint`), the state a checkpoint carries (`state`), the hidden-state terms' layer maps and
 //! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`; DistiLLM's
-//! adaptive mode with its replay buffer: `distillm`), a run in
-//! stages (`stages`: progressive pruning) and the fault-test hooks (`faults`).
+//! adaptive mode with its replay buffer: `distillm`), a run in stages (`stages`: progressive
+//! pruning), PACED's pass-rate weights (`paced`) with the answer checks (`answer_check`), and the
+//! fault-test hooks (`faults`).
+pub mod answer_check;
 pub mod checkpoint;
 pub mod distillm;
 pub mod faults;
@@ -12,6 +14,7 @@ pub mod onpolicy;
 pub mod optim;
 pub mod options;
 pub mod output;
+pub mod paced;
 pub mod run;
 pub mod stages;
 pub mod state;

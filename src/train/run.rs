@@ -15,6 +15,7 @@ use super::hidden::{self, Projections};
 use super::optim::{lr_at, AdamW};
 use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
+use super::paced::PacedRun;
 use super::stages::{self, StageState, Staged};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
@@ -103,10 +104,12 @@ struct Setup {
     /// the teacher's distribution in the student's ids, and what the check found
     vocab: VocabMap,
     vocab_report: VocabReport,
-    /// the ids that end a student's sample (on-policy steps)
+    /// the ids that end a student's sample (on-policy steps, PACED's rollouts)
     stop_ids: Vec<u32>,
     /// DistiLLM's adaptive mode: φ, L_ref and the replay buffer
     distillm: Option<Adaptive>,
+    /// PACED: the problems and the rows' weights (train/paced.rs)
+    paced: Option<PacedRun>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -287,6 +290,7 @@ fn fingerprint_of(
         ("optim.loss_chunk", o.loss_chunk.to_string()),
         ("run.seed", cfg.run.seed.to_string()),
         ("onpolicy", format!("{:?}", cfg.onpolicy)),
+        ("paced", format!("{:?}", cfg.paced)),
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
@@ -442,6 +446,19 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             cfg.data.train.display()
         )));
     }
+    let mut paced = match &cfg.paced {
+        Some(o) => Some(
+            PacedRun::new(
+                o.clone(),
+                &ds.train,
+                &ds.answers,
+                &ds.validation,
+                &ds.validation_answers,
+            )
+            .map_err(|e| Error::format(&cfg.data.train, e.to_string()))?,
+        ),
+        None => None,
+    };
     let total = total_steps(cfg, ds.train.len());
     let store = match &cfg.teacher.store {
         Some(dir) => Some(open_store(cfg, dir, teacher.as_ref(), tok, &ds, total)?),
@@ -562,6 +579,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         fingerprint: fingerprint.clone(),
         stages: None,
         distillm: None,
+        paced: None,
     };
     let mut adaptive = cfg
         .onpolicy
@@ -670,6 +688,20 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             })?;
             a.restore(rec, &ck, cfg.data.seq_len)?;
         }
+        // PACED: the weights of the table the uninterrupted run used
+        match (paced.as_mut(), &st.paced) {
+            (Some(p), Some(t)) => {
+                p.apply(t)
+                    .map_err(|e| Error::format(ck.join("state.json"), e.to_string()))?;
+            }
+            (Some(_), None) if st.step > 0 => {
+                return Err(Error::format(
+                    ck.join("state.json"),
+                    "a PACED run, but no pass-rate table recorded",
+                ))
+            }
+            _ => {}
+        }
         state = st;
         tracing::info!("resuming from {} (step {})", ck.display(), state.step);
         Start::Resume(state.step)
@@ -701,6 +733,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     };
     Ok(Setup {
         distillm: adaptive,
+        paced,
         stop_ids,
         pruning,
         staged,
@@ -938,6 +971,18 @@ fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
 fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> Result<Value> {
     let mut rec = json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
            "kl": m.kl, "top1": m.top1, "tokens": m.tokens});
+    // PACED: the student's pass rate on the validation problems
+    if let (Some(p), Some(tok)) = (&s.paced, &s.student.tokenizer) {
+        if let Some(rate) = p.validation_pass_rate(
+            &s.student.model,
+            tok,
+            cfg.run.seed,
+            &s.stop_ids,
+            PACED_ROLLOUT_ROWS,
+        )? {
+            rec["paced_pass_rate"] = json!(rate);
+        }
+    }
     if let Some(o) = &cfg.onpolicy {
         let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
         let (om, samples) = o.evaluate(
@@ -965,6 +1010,9 @@ fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> R
 }
 
 // ---------------------------------------------------------------- 3. steps
+
+/// Rows per batched generation of PACED's rollouts (whole problems per call).
+const PACED_ROLLOUT_ROWS: usize = 64;
 
 fn progress_bar(total: usize, at: usize) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(total as u64);
@@ -1001,7 +1049,33 @@ fn steps(
             enter_stage(cfg, s, out, k)?;
             faults.entered_stage(k);
         }
+        // PACED: the pass rates, before the first step and every `refresh_every` steps
+        if let Some(p) = s.paced.as_mut() {
+            if p.due(s.state.paced.as_ref(), s.state.step) {
+                let t = Instant::now();
+                let tok = s.student.tokenizer.as_ref().ok_or_else(|| {
+                    Error::format(&s.student.source, "the student has no tokenizer")
+                })?;
+                let table = p.measure(
+                    &s.student.model,
+                    tok,
+                    cfg.run.seed,
+                    s.state.step,
+                    &s.stop_ids,
+                    PACED_ROLLOUT_ROWS,
+                )?;
+                let uniform = p.apply(&table)?;
+                if uniform {
+                    tracing::warn!(
+                        "paced: every problem has weight 0 (pass rates all 0 or 1): uniform weights until the next refresh"
+                    );
+                }
+                out.metric(&p.record(&table, uniform, t.elapsed().as_secs_f64()))?;
+                s.state.paced = Some(table);
+            }
+        }
         let t0 = Instant::now();
+        s.objective.begin_step(step); // terms outside their `steps` window count nothing
         s.opt.zero_grad();
         let (mut loss, mut parts, mut finite, mut tokens) =
             (0.0, vec![0.0; names.len()], true, 0usize);
@@ -1026,7 +1100,7 @@ fn steps(
                 (None, None) => Source::Data,
             };
             sources[source as usize] += 1;
-            let batch = match (source, &cfg.onpolicy) {
+            let mut batch = match (source, &cfg.onpolicy) {
                 // the rows' prompts continued by the student, scored by the teacher
                 (Source::Fresh, Some(o)) => {
                     let samples = o.samples(
@@ -1053,13 +1127,18 @@ fn steps(
                 }
                 _ => Batch::new(&s.ds.train, &rows, device)?, // (B, T)
             };
+            // PACED: each row's tokens weighted by its problem's w, the value by Σ w·m / Σ m
+            let mut micro_opts = step_opts;
+            if let Some(p) = &s.paced {
+                micro_opts.scale *= p.weigh(&mut batch)?;
+            }
             tokens += batch.counted();
             let m = micro_step(
                 &s.student.model,
                 Some(teacher.as_ref()),
                 &s.objective,
                 &batch,
-                &step_opts,
+                &micro_opts,
             )?;
             if !m.finite {
                 finite = false;
@@ -1098,8 +1177,13 @@ fn steps(
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
                 "lr": lr, "grad_norm": if grad_norm.is_finite() { json!(grad_norm) } else { Value::Null },
                 "tokens_per_s": tokens as f64 / secs, "seconds": secs, "skipped": skipped, "skipped_total": s.state.skipped_steps});
-            for (n, p) in names.iter().zip(&parts) {
-                rec[n] = if skipped { Value::Null } else { json!(p) };
+            for (i, (n, p)) in names.iter().zip(&parts).enumerate() {
+                // a term outside its step window is logged as null
+                rec[n] = if skipped || !s.objective.active(i) {
+                    Value::Null
+                } else {
+                    json!(p)
+                };
             }
             for (name, values) in s.objective.log_values() {
                 rec[name] = json!(values);

@@ -29,4 +29,7 @@ pub struct TrainState {
     /// are in the checkpoint's `replay.json`)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distillm: Option<super::distillm::AdaptiveState>,
+    /// PACED: the pass-rate table the run weights its rows by (train/paced.rs)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paced: Option<super::paced::PacedState>,
 }
