@@ -174,6 +174,7 @@ fn rows(answers: &[Option<&str>]) -> (Vec<data::Sequence>, Vec<Option<String>>) 
             let mut e = Example {
                 ids: vec![],
                 target: vec![],
+                weight: 1.0,
             };
             e.push(&[81, 58, 32, 49 + i as u32], false); // "Q: 1"…
             e.push(&[32, 50 + i as u32, 51, 256], true);
