@@ -162,7 +162,9 @@ const F64_TOL: f64 = 1e-12;
 
 #[test]
 fn ddk_weight_update_follows_its_formula() {
-    let cases: [(&[f64], &[f64], &[f64], f64); 4] = [
+    // (weights, student ppl, teacher ppl, α)
+    type Case<'a> = (&'a [f64], &'a [f64], &'a [f64], f64);
+    let cases: [Case; 4] = [
         (&[0.25, 0.75], &[12.0, 3.0], &[4.0, 2.5], 0.5),
         (&[0.2, 0.5, 0.3], &[40.0, 9.0, 11.0], &[10.0, 8.0, 2.0], 0.8),
         (&[0.6, 0.4], &[5.0, 5.0], &[5.0, 5.0], 1.0),
