@@ -284,8 +284,6 @@ fn fingerprint_of(
             "data.max_validation_sequences",
             format!("{:?}", d.max_validation_sequences),
         ),
-        ("data.source", format!("{:?}", d.sources)),
-        ("data.ddk", format!("{:?}", d.ddk)),
         ("data tokens (fingerprint)", data.hex()),
         ("loss", losses.join(" + ")),
         ("optim.lr", o.lr.to_string()),
@@ -305,6 +303,10 @@ fn fingerprint_of(
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
+    // several sources: their names, paths, weights and DDK (absent from a one-source run's, so
+    // its older checkpoints still match)
+    .chain((!d.sources.is_empty()).then(|| ("data.source", format!("{:?}", d.sources))))
+    .chain(d.ddk.map(|k| ("data.ddk", format!("{k:?}"))))
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
