@@ -91,6 +91,82 @@ pub fn plot_loss(metrics: &[Value], out: &Path) -> Result<()> {
     draw().map_err(|e| Error::Invalid(format!("{}: plotting failed: {e}", out.display())))
 }
 
+/// Plot each source's validation KL(teacher‖student) per evaluation (`[[data.source]]`), one
+/// colour per source; nothing when the records have no per-source metrics.
+pub fn plot_sources(metrics: &[Value], out: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let evals: Vec<&Value> = metrics
+        .iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("eval"))
+        .filter(|r| r.get("sources").is_some_and(Value::is_object))
+        .collect();
+    let Some(first) = evals.first() else {
+        return Ok(());
+    };
+    let names: Vec<String> = first["sources"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    let lines: Vec<Vec<(f64, f64)>> = names
+        .iter()
+        .map(|n| {
+            evals
+                .iter()
+                .filter_map(|r| Some((r["step"].as_f64()?, r["sources"][n]["kl"].as_f64()?)))
+                .filter(|(_, y)| y.is_finite())
+                .collect()
+        })
+        .collect();
+    let all: Vec<&(f64, f64)> = lines.iter().flatten().collect();
+    if all.is_empty() {
+        return Ok(());
+    }
+    let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.05 + 1e-9;
+    let with_text = font();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(out, (900, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut b = ChartBuilder::on(&root);
+        b.margin(20);
+        if with_text {
+            b.caption(
+                "validation KL(teacher||student) per source",
+                ("sans-serif", 20),
+            )
+            .x_label_area_size(40)
+            .y_label_area_size(60);
+        }
+        let mut chart = b.build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
+        if with_text {
+            chart.configure_mesh().x_desc("step").draw()?;
+        }
+        for (i, (name, line)) in names.iter().zip(&lines).enumerate() {
+            let colour = Palette99::pick(i).to_rgba();
+            let series = chart.draw_series(LineSeries::new(
+                line.iter().copied(),
+                colour.stroke_width(2),
+            ))?;
+            if with_text {
+                series
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+            }
+            chart.draw_series(line.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+        }
+        if with_text {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE)
+                .border_style(BLACK)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| Error::Invalid(format!("{}: plotting failed: {e}", out.display())))
+}
+
 /// The last record of `kind` ("eval", "summary"), or the eval at `step`.
 fn record<'a>(records: &'a [Value], kind: &str, step: Option<u64>) -> Option<&'a Value> {
     records
@@ -204,6 +280,56 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
             }
         }
     }
+    // several sources: each one's validation metrics before and after; DDK's weight updates
+    if let Some(after) = last.filter(|r| r.get("sources").is_some()) {
+        o += "\nPer source (each source's validation data alone; `[[data.source]]`):\n\n\
+              | source | student ppl before → after | teacher ppl | KL/token before → after | top-1 before → after |\n|---|---|---|---|---|\n";
+        let before = record(records, "eval", Some(0));
+        if let Some(per) = after["sources"].as_object() {
+            for (name, a) in per {
+                let b = before.map(|b| &b["sources"][name]).unwrap_or(&Value::Null);
+                o += &format!(
+                    "| {name} | {} → {} | {} | {} → {} | {} → {} |\n",
+                    f(&b["student_ppl"], 3),
+                    f(&a["student_ppl"], 3),
+                    f(&a["teacher_ppl"], 3),
+                    f(&b["kl"], 4),
+                    f(&a["kl"], 4),
+                    f(&b["top1"], 3),
+                    f(&a["top1"], 3)
+                );
+            }
+        }
+    }
+    let ddk: Vec<&Value> = records
+        .iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("ddk"))
+        .collect();
+    if let Some(first) = ddk.first() {
+        let names: Vec<String> = first["sources"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        o += "\n## DDK source weights\n\nEach update: the student/teacher perplexity ratio per \
+              source on its validation data, and the sampling weights from that step on (`[data.ddk]`).\n\n| first step |";
+        for n in &names {
+            o += &format!(" {n}: ratio | {n}: weight |");
+        }
+        o += "\n|---|";
+        o += &"---|---|".repeat(names.len());
+        o += "\n";
+        for r in &ddk {
+            o += &format!("| {} |", s(&r["step"]));
+            for i in 0..names.len() {
+                o += &format!(
+                    " {} | {} |",
+                    f(&r["discrepancies"][i], 3),
+                    f(&r["weights"][i], 3)
+                );
+            }
+            o += "\n";
+        }
+    }
     // PACED: each refresh of the pass rates, and the validation pass rate before and after
     let paced: Vec<&Value> = records
         .iter()
@@ -289,10 +415,17 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
         ),
         ("loss.png", "training loss and validation KL"),
         (
+            "sources.png",
+            "each source's validation KL (a run with [[data.source]])",
+        ),
+        (
             "checkpoints/",
             "resumable checkpoints (`distill train RUN --resume`)",
         ),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(file, _)| *file != "sources.png" || last.is_some_and(|r| r.get("sources").is_some()))
+    {
         o += &format!("- `{}` — {what}\n", dir.join(file).display());
     }
     o

@@ -19,6 +19,8 @@ fn cfg(train: &Path, format: DataFormat, packing: bool, seq_len: usize) -> DataC
         validation_fraction: 0.0,
         max_train_tokens: None,
         max_validation_sequences: None,
+        sources: vec![],
+        ddk: None,
     }
 }
 

@@ -472,6 +472,8 @@ fn a_records_weight_scales_its_tokens_in_every_loss() {
         validation_fraction: 0.0,
         max_train_tokens: None,
         max_validation_sequences: None,
+        sources: vec![],
+        ddk: None,
     };
     let ds = data::load(&cfg, &tok, Some(EOS)).unwrap();
     let (a, b) = (&ds.train[0], &ds.train[1]);

@@ -1,4 +1,6 @@
-//! `[data]`: where the training and validation text is, how it is read and cut.
+//! `[data]`: where the training and validation text is, how it is read and cut. One source
+//! (`train`, `validation`) or several (`[[data.source]] name, train, validation, weight`: batches
+//! drawn by weight, data/mixture.rs), and DDK's re-weighting of them (`[data.ddk]`, data/ddk.rs).
 use crate::config::{issue, Checked, Paths};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -7,8 +9,12 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct DataFile {
     /// a file, or a folder whose files (sorted by name) are all read
-    pub train: PathBuf,
+    pub train: Option<PathBuf>,
     pub validation: Option<PathBuf>,
+    /// several sources instead of `train`/`validation`
+    pub source: Option<Vec<SourceFile>>,
+    /// DDK: the sources' weights re-set from the student–teacher gap (data/ddk.rs)
+    pub ddk: Option<super::ddk::DdkFile>,
     /// "text" or "jsonl"; default from the file extension (.jsonl → jsonl)
     pub format: Option<String>,
     pub seq_len: Option<usize>,
@@ -19,6 +25,26 @@ pub struct DataFile {
     pub max_validation_sequences: Option<usize>,
 }
 
+/// `[[data.source]]`: one named source of training (and validation) data and its sampling weight.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    pub name: String,
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+    /// relative sampling weight (> 0); 1 when left out
+    pub weight: Option<f64>,
+}
+
+/// A source with its paths resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    pub name: String,
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+    pub weight: f64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataFormat {
     Text,
@@ -27,6 +53,7 @@ pub enum DataFormat {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataConfig {
+    /// the training data (with `[[data.source]]`: the first source's, for messages)
     pub train: PathBuf,
     pub validation: Option<PathBuf>,
     pub format: DataFormat,
@@ -35,6 +62,9 @@ pub struct DataConfig {
     pub validation_fraction: f64,
     pub max_train_tokens: Option<usize>,
     pub max_validation_sequences: Option<usize>,
+    /// `[[data.source]]`: empty for the single-source form
+    pub sources: Vec<SourceConfig>,
+    pub ddk: Option<super::ddk::Ddk>,
 }
 
 /// Longest sequence the run file may ask for (a bound far above any model's context, so that the
@@ -43,6 +73,27 @@ const MAX_SEQ_LEN: usize = 1 << 24;
 
 impl DataFile {
     pub fn resolve(&self, paths: &Paths) -> Checked<DataConfig> {
+        let sources = self.sources(paths)?;
+        let train = match (&self.train, sources.first()) {
+            (Some(t), _) => paths.resolve(t),
+            (None, Some(s)) => s.train.clone(),
+            (None, None) => {
+                return Err(issue(
+                    "data.train",
+                    "missing: give data.train or one or more [[data.source]]",
+                ))
+            }
+        };
+        let ddk = match &self.ddk {
+            Some(_) if sources.len() < 2 => {
+                return Err(issue(
+                    "data.ddk",
+                    "re-weights sources: it needs two or more [[data.source]]",
+                ));
+            }
+            Some(d) => Some(d.resolve()?),
+            None => None,
+        };
         let format = match self.format.as_deref() {
             Some("text") => DataFormat::Text,
             Some("jsonl") => DataFormat::Jsonl,
@@ -52,7 +103,7 @@ impl DataFile {
                     format!("'{other}' is not one of text, jsonl"),
                 ))
             }
-            None if self.train.extension().is_some_and(|e| e == "jsonl") => DataFormat::Jsonl,
+            None if train.extension().is_some_and(|e| e == "jsonl") => DataFormat::Jsonl,
             None => DataFormat::Text,
         };
         let seq_len = self.seq_len.unwrap_or(256);
@@ -79,7 +130,7 @@ impl DataFile {
             ));
         }
         Ok(DataConfig {
-            train: paths.resolve(&self.train),
+            train,
             validation: self.validation.as_deref().map(|p| paths.resolve(p)),
             format,
             seq_len,
@@ -87,6 +138,56 @@ impl DataFile {
             validation_fraction,
             max_train_tokens: self.max_train_tokens,
             max_validation_sequences: self.max_validation_sequences,
+            sources,
+            ddk,
         })
+    }
+
+    /// `[[data.source]]` checked: not with `train`/`validation`, names unique and non-empty,
+    /// weights finite and > 0.
+    fn sources(&self, paths: &Paths) -> Checked<Vec<SourceConfig>> {
+        let Some(list) = &self.source else {
+            return Ok(vec![]);
+        };
+        if self.train.is_some() || self.validation.is_some() {
+            let key = if self.train.is_some() {
+                "data.train"
+            } else {
+                "data.validation"
+            };
+            return Err(issue(
+                key,
+                "give either data.train (one source) or [[data.source]] (several), not both",
+            ));
+        }
+        if list.is_empty() {
+            return Err(issue("data.source", "needs at least one source"));
+        }
+        let mut out: Vec<SourceConfig> = Vec::with_capacity(list.len());
+        for (i, s) in list.iter().enumerate() {
+            if s.name.trim().is_empty() {
+                return Err(issue(format!("data.source.{i}.name"), "must not be empty"));
+            }
+            if out.iter().any(|o| o.name == s.name) {
+                return Err(issue(
+                    format!("data.source.{i}.name"),
+                    format!("'{}' names two sources; each needs its own name", s.name),
+                ));
+            }
+            let weight = s.weight.unwrap_or(1.0);
+            if !(weight.is_finite() && weight > 0.0) {
+                return Err(issue(
+                    format!("data.source.{i}.weight"),
+                    format!("must be a finite number > 0, got {weight}"),
+                ));
+            }
+            out.push(SourceConfig {
+                name: s.name.clone(),
+                train: paths.resolve(&s.train),
+                validation: s.validation.as_deref().map(|p| paths.resolve(p)),
+                weight,
+            });
+        }
+        Ok(out)
     }
 }

@@ -4,7 +4,9 @@
 //! `IGNORE_INDEX`, and per-token weights; a `Batch` is the tensors of some sequences.
 pub mod batch;
 pub mod config;
+pub mod ddk;
 pub mod jsonl;
+pub mod mixture;
 pub mod packing;
 pub mod prompts;
 pub mod sampler;
@@ -15,7 +17,7 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 pub use batch::Batch;
-pub use config::{DataConfig, DataFile, DataFormat};
+pub use config::{DataConfig, DataFile, DataFormat, SourceConfig};
 pub use packing::{pack, pad_each, Sequence, Span};
 pub use sampler::Sampler;
 
@@ -49,6 +51,18 @@ pub struct Dataset {
     /// the same for the validation sequences' examples (the training list when they are held out
     /// of it)
     pub validation_answers: Vec<Option<String>>,
+    /// `[[data.source]]`: each source's name, weight and its sequences in `train` and
+    /// `validation` (empty for the single-source form)
+    pub sources: Vec<SourceData>,
+}
+
+/// One source of a run with several: where its sequences lie in the dataset's lists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceData {
+    pub name: String,
+    pub weight: f64,
+    pub train: std::ops::Range<usize>,
+    pub validation: std::ops::Range<usize>,
 }
 
 /// The files under `path` (itself if a file; a folder's regular files sorted by name).
@@ -119,7 +133,66 @@ fn to_sequences(examples: &[Example], cfg: &DataConfig, pad: u32) -> Vec<Sequenc
 }
 
 /// Read, tokenise and cut the training (and validation) data. Refuses data with no target token.
+/// With `[[data.source]]`, each source is read and cut alone (its own validation, or its own
+/// held-out fraction), its sequences tagged with `domain = Some(index)` and appended in order;
+/// example indices (`Span::example`) are renumbered into the joined answer lists.
 pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Dataset> {
+    if cfg.sources.is_empty() {
+        return load_one(cfg, tok, eos);
+    }
+    let mut all = Dataset {
+        train: vec![],
+        validation: vec![],
+        train_tokens: 0,
+        answers: vec![],
+        validation_answers: vec![],
+        sources: vec![],
+    };
+    for (i, src) in cfg.sources.iter().enumerate() {
+        let one = DataConfig {
+            train: src.train.clone(),
+            validation: src.validation.clone(),
+            sources: vec![],
+            ddk: None,
+            ..cfg.clone()
+        };
+        let d = load_one(&one, tok, eos)?;
+        if d.validation.is_empty() {
+            return Err(Error::format(
+                &src.train,
+                format!(
+                    "source '{}': too little data to hold out a validation sequence; give its validation",
+                    src.name
+                ),
+            ));
+        }
+        let tag = |seqs: Vec<Sequence>, first_example: usize| {
+            seqs.into_iter().map(move |mut s| {
+                s.domain = Some(i as u32);
+                for sp in &mut s.spans {
+                    sp.example += first_example;
+                }
+                s
+            })
+        };
+        let (t0, v0) = (all.train.len(), all.validation.len());
+        let (a0, va0) = (all.answers.len(), all.validation_answers.len());
+        all.train.extend(tag(d.train, a0));
+        all.validation.extend(tag(d.validation, va0));
+        all.answers.extend(d.answers);
+        all.validation_answers.extend(d.validation_answers);
+        all.train_tokens += d.train_tokens;
+        all.sources.push(SourceData {
+            name: src.name.clone(),
+            weight: src.weight,
+            train: t0..all.train.len(),
+            validation: v0..all.validation.len(),
+        });
+    }
+    Ok(all)
+}
+
+fn load_one(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Dataset> {
     let pad = eos.unwrap_or(0);
     let (train_ex, answers) =
         read_examples(&cfg.train, cfg.format, tok, eos, cfg.max_train_tokens)?;
@@ -162,5 +235,6 @@ pub fn load(cfg: &DataConfig, tok: &Tokenizer, eos: Option<u32>) -> Result<Datas
         train_tokens,
         answers,
         validation_answers,
+        sources: vec![],
     })
 }

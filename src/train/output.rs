@@ -186,12 +186,13 @@ impl RunOutput {
         Ok(final_dir)
     }
 
-    /// loss.png and report.md, from run.json and the metric records alone.
+    /// loss.png (sources.png with several sources) and report.md, from run.json and the metric records alone.
     pub fn write_report(&self) -> Result<Vec<Value>> {
         let records = report::read_metrics(&self.metrics_path)?;
         let info: Value = serde_json::from_str(&read_to_string(&self.dir.join("run.json"))?)
             .map_err(|e| Error::format(self.dir.join("run.json"), e.to_string()))?;
         report::plot_loss(&records, &self.dir.join("loss.png"))?;
+        report::plot_sources(&records, &self.dir.join("sources.png"))?;
         let md = report::markdown(&info, &records, &self.dir);
         write_atomic(&self.dir.join("report.md"), md.as_bytes())?;
         Ok(records)

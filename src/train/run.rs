@@ -20,6 +20,7 @@ use super::stages::{self, StageState, Staged};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
 use crate::config::RunConfig;
+use crate::data::mixture::Mixture;
 use crate::data::{self, Batch, Dataset, Sampler};
 use crate::device::{check_available, device_name};
 use crate::eval::{distill_metrics, DistillMetrics};
@@ -94,6 +95,8 @@ struct Setup {
     objective: Objective,
     opt: AdamW,
     sampler: Sampler,
+    /// `[[data.source]]`: rows drawn from the sources by weight (data/mixture.rs)
+    mixture: Option<Mixture>,
     state: TrainState,
     start: Start,
     teacher_checksum: Vec<f64>,
@@ -197,6 +200,12 @@ fn check_output_apart(cfg: &RunConfig) -> Result<()> {
     if let Some(v) = &cfg.data.validation {
         inputs.push(("data.validation", v.clone()));
     }
+    for src in &cfg.data.sources {
+        inputs.push(("data.source.train", src.train.clone()));
+        if let Some(v) = &src.validation {
+            inputs.push(("data.source.validation", v.clone()));
+        }
+    }
     for (key, p) in inputs {
         let input = canonical(&p);
         if out.starts_with(&input) || input.starts_with(&out) {
@@ -294,6 +303,10 @@ fn fingerprint_of(
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
+    // several sources: their names, paths, weights and DDK (absent from a one-source run's, so
+    // its older checkpoints still match)
+    .chain((!d.sources.is_empty()).then(|| ("data.source", format!("{:?}", d.sources))))
+    .chain(d.ddk.map(|k| ("data.ddk", format!("{k:?}"))))
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
@@ -555,6 +568,11 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         opt.add(&p.vs)?;
     }
     let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
+    let mut mixture = (!ds.sources.is_empty()).then(|| {
+        let sizes: Vec<usize> = ds.sources.iter().map(|s| s.train.len()).collect();
+        let weights: Vec<f64> = ds.sources.iter().map(|s| s.weight).collect();
+        Mixture::new(&sizes, &weights, cfg.run.seed)
+    });
     // what the student is made of: the layers, however they were chosen
     let student_source = match (&cfg.student.init, &pruning) {
         (StudentInit::Path(p), _) => p.display().to_string(),
@@ -580,6 +598,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         stages: None,
         distillm: None,
         paced: None,
+        mixture: mixture.as_ref().map(Mixture::state),
     };
     let mut adaptive = cfg
         .onpolicy
@@ -679,6 +698,16 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             .restore(st.sampler)
             .map_err(|m| Error::format(ck.join("state.json"), m))?;
         objective.restore(&st.objective)?;
+        if let Some(m) = mixture.as_mut() {
+            let rec = st.mixture.as_ref().ok_or_else(|| {
+                Error::format(
+                    ck.join("state.json"),
+                    "a run with [[data.source]], but no source positions recorded",
+                )
+            })?;
+            m.restore(rec)
+                .map_err(|e| Error::format(ck.join("state.json"), e))?;
+        }
         if let Some(a) = adaptive.as_mut() {
             let rec = st.distillm.as_ref().ok_or_else(|| {
                 Error::format(
@@ -749,6 +778,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         objective,
         opt,
         sampler,
+        mixture,
         state,
         start,
     })
@@ -843,7 +873,10 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "calibration": cfg.student.stages.as_ref().map(|st| st.describe()),
         "data": {"train": cfg.data.train.display().to_string(), "seq_len": cfg.data.seq_len,
                  "train_sequences": s.ds.train.len(), "train_tokens": s.ds.train_tokens,
-                 "validation_sequences": s.ds.validation.len()},
+                 "validation_sequences": s.ds.validation.len(),
+                 "sources": s.ds.sources.iter().map(|x| json!({"name": x.name, "weight": x.weight,
+                     "train_sequences": x.train.len(), "validation_sequences": x.validation.len()})).collect::<Vec<_>>(),
+                 "ddk": cfg.data.ddk.map(|d| json!({"interval": d.interval, "alpha": d.alpha}))},
         "objective": cfg.losses.iter().map(|l| format!("{} × {}", l.weight, l.describe())).collect::<Vec<_>>(),
         "hidden_layers": s.objective.hidden_maps().into_iter().map(|m| json!({
             "term": m.term, "pairs": m.pairs, "projection": m.projected})).collect::<Vec<_>>(),
@@ -966,11 +999,39 @@ fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
     )
 }
 
+/// Each source's validation metrics (`[[data.source]]`), in the sources' order.
+fn source_metrics(cfg: &RunConfig, s: &Setup) -> Result<Vec<DistillMetrics>> {
+    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
+    s.ds.sources
+        .iter()
+        .map(|src| {
+            distill_metrics(
+                teacher.as_ref(),
+                &s.student.model,
+                &s.ds.validation[src.validation.clone()],
+                cfg.optim.micro_batch,
+            )
+        })
+        .collect()
+}
+
 /// The eval record; with `[onpolicy]`, also the exposure-bias measure (the teacher judging the
 /// student's own continuations of the validation prompts) and the first two samples.
 fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> Result<Value> {
     let mut rec = json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
            "kl": m.kl, "top1": m.top1, "tokens": m.tokens});
+    // several sources: each one's validation data alone
+    if !s.ds.sources.is_empty() {
+        let mut per = serde_json::Map::new();
+        for (src, m) in s.ds.sources.iter().zip(source_metrics(cfg, s)?) {
+            per.insert(
+                src.name.clone(),
+                json!({"student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
+                    "kl": m.kl, "top1": m.top1, "tokens": m.tokens}),
+            );
+        }
+        rec["sources"] = Value::Object(per);
+    }
     // PACED: the student's pass rate on the validation problems
     if let (Some(p), Some(tok)) = (&s.paced, &s.student.tokenizer) {
         if let Some(rate) = p.validation_pass_rate(
@@ -1074,6 +1135,34 @@ fn steps(
                 s.state.paced = Some(table);
             }
         }
+        // DDK: the sources' weights from the student–teacher gap, before the first step and every
+        // `interval` steps (data/ddk.rs)
+        if let Some(d) = cfg.data.ddk {
+            if d.due(s.state.step, s.mixture.as_ref().and_then(|m| m.ddk_step)) {
+                let per = source_metrics(cfg, s)?;
+                let ppl: Vec<(f64, f64)> =
+                    per.iter().map(|m| (m.student_ppl, m.teacher_ppl)).collect();
+                let m = s
+                    .mixture
+                    .as_mut()
+                    .expect("[data.ddk] needs [[data.source]]");
+                let previous = m.weights.clone();
+                match d.update(&m.weights, &ppl) {
+                    Some(w) => m.weights = w,
+                    None => tracing::warn!(
+                        "ddk: a perplexity is not finite ({ppl:?}); the weights stay"
+                    ),
+                }
+                m.ddk_step = Some(s.state.step);
+                s.state.mixture = Some(m.state());
+                let ratios: Vec<f64> = ppl.iter().map(|(a, b)| a / b).collect();
+                let names: Vec<&str> = s.ds.sources.iter().map(|x| x.name.as_str()).collect();
+                out.metric(&json!({"kind": "ddk", "step": step, "sources": names,
+                    "weights": m.weights, "previous": previous, "discrepancies": ratios,
+                    "student_ppl": ppl.iter().map(|p| p.0).collect::<Vec<_>>(),
+                    "teacher_ppl": ppl.iter().map(|p| p.1).collect::<Vec<_>>()}))?;
+            }
+        }
         let t0 = Instant::now();
         s.objective.begin_step(step); // terms outside their `steps` window count nothing
         s.opt.zero_grad();
@@ -1092,8 +1181,17 @@ fn steps(
             .filter(|o| o.is_on_policy(cfg.run.seed, step));
         // micro-batches by source: fresh student samples, replayed ones, the data's
         let mut sources = [0usize; 3];
+        let mut source_rows = vec![0usize; s.ds.sources.len()];
         for micro in 0..cfg.optim.grad_accum {
-            let rows = s.sampler.next_batch(cfg.optim.micro_batch);
+            let rows = match s.mixture.as_mut() {
+                Some(m) => m.next_batch(cfg.optim.micro_batch, cfg.run.seed, step, micro),
+                None => s.sampler.next_batch(cfg.optim.micro_batch),
+            };
+            for &r in &rows {
+                if let Some(i) = s.ds.sources.iter().position(|x| x.train.contains(&r)) {
+                    source_rows[i] += 1;
+                }
+            }
             let source = match (&s.distillm, on_policy) {
                 (Some(a), _) => a.source(cfg.run.seed, step, micro, total),
                 (None, Some(_)) => Source::Fresh,
@@ -1169,6 +1267,7 @@ fn steps(
         s.state.step = step;
         s.state.adam_t = s.opt.t;
         s.state.sampler = s.sampler.state;
+        s.state.mixture = s.mixture.as_ref().map(Mixture::state);
         s.state.objective = s.objective.state();
         s.state.tokens_seen += tokens as u64;
         s.state.distillm = s.distillm.as_ref().map(Adaptive::state);
@@ -1203,6 +1302,9 @@ fn steps(
             }
             if let Some(st) = &s.state.stages {
                 rec["stage"] = json!(st.stage);
+            }
+            if !source_rows.is_empty() {
+                rec["source_rows"] = json!(source_rows);
             }
             out.metric(&rec)?;
         }

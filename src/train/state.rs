@@ -32,4 +32,7 @@ pub struct TrainState {
     /// PACED: the pass-rate table the run weights its rows by (train/paced.rs)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paced: Option<super::paced::PacedState>,
+    /// `[[data.source]]`: each source's data position and the weights in use (DDK changes them)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixture: Option<crate::data::mixture::MixtureState>,
 }
