@@ -177,6 +177,12 @@ impl RunConfig {
                 "cannot go with [onpolicy] mode = \"distillm\": a replayed sample has no problem to weigh it by",
             ));
         }
+        if teacher.budget.is_some() && (f.onpolicy.is_some() || f.paced.is_some()) {
+            return Err(issue(
+                "teacher.budget",
+                "cannot go with [onpolicy] or [paced] (their rows are not the chosen sequences)",
+            ));
+        }
         if f.paced.is_some() && data.packing {
             return Err(issue(
                 "data.packing",

@@ -32,4 +32,8 @@ pub struct TrainState {
     /// PACED: the pass-rate table the run weights its rows by (train/paced.rs)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paced: Option<super::paced::PacedState>,
+    /// a teacher-query budget: the chosen sequences and the teacher rows asked so far
+    /// (teacher/budget.rs)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::teacher::budget::BudgetState>,
 }
