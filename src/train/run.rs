@@ -937,6 +937,7 @@ fn choose_budget(
 ) -> Result<(crate::teacher::budget::BudgetState, Value)> {
     use crate::teacher::budget::{self, BudgetState, Chosen};
     let t0 = Instant::now();
+    let mut other = None;
     if let Some(dir) = &cfg.teacher.store {
         if let Some(st) = budget::read_store_file(dir)? {
             if st.share == b.share && st.selection == b.selection.name() {
@@ -958,12 +959,12 @@ fn choose_budget(
                 );
                 return Ok((set, rec));
             }
-            tracing::warn!(
-                "{}: the store's set was chosen with budget = {}, selection = {}; choosing anew",
+            other = Some(format!(
+                "{}: the store's set was chosen with budget = {}, selection = {}",
                 dir.display(),
                 st.share,
                 st.selection
-            );
+            ));
         }
     }
     let live = teacher.map(|t| Live::new(&t.model).with_vocab(vocab));
@@ -975,7 +976,15 @@ fn choose_budget(
         cfg.run.seed,
         cfg.optim.micro_batch,
     )
-    .map_err(|e| Error::Invalid(format!("teacher.selection: {e}")))?;
+    .map_err(|e| {
+        let why = other
+            .as_deref()
+            .map_or(String::new(), |o| format!(" ({o})"));
+        Error::Invalid(format!("teacher.selection: {e}{why}"))
+    })?;
+    if let Some(o) = other {
+        tracing::warn!("{o}; chosen anew");
+    }
     let rec = budget::record(
         b,
         ds.train.len(),
