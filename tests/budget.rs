@@ -435,6 +435,78 @@ fn an_unselected_rows_loss_is_its_cross_entropy() {
 }
 
 #[test]
+fn a_mixed_micro_batch_is_the_token_weighted_sum_of_its_parts() {
+    let s = Setup::new();
+    let run = s.run_file(
+        "mix.toml",
+        "mix",
+        1,
+        "budget = 0.5\nselection = \"random\"",
+        "",
+    );
+    train_ok(&["train", run.to_str().unwrap()]);
+    let recs = records(&s.path("mix/metrics.jsonl"));
+    let chosen = indices(&budget_record(&recs));
+    let (cfg, train) = train_sequences(&run);
+    let rows = Sampler::new(train.len(), cfg.run.seed).next_batch(4);
+    let sel: Vec<usize> = rows
+        .iter()
+        .copied()
+        .filter(|r| chosen.contains(r))
+        .collect();
+    assert!(
+        !sel.is_empty() && sel.len() < 4,
+        "step 1's rows {rows:?} are not mixed: pick another seed"
+    );
+    let student = model::load(&cfg.student_path(), Device::Cpu).unwrap();
+    let teacher = model::load(cfg.teacher.path.as_ref().unwrap(), Device::Cpu).unwrap();
+    // Σ over each part's tokens of KL(p‖q) (chosen rows) or −log q(y) (the others), in f64
+    let (mut kl, mut n_sel, mut ce, mut n_un, mut big) = (0.0, 0usize, 0.0, 0usize, 0.0f64);
+    for &r in &rows {
+        let seq = &train[r];
+        let (sl, bs) = logits_f64(&student, seq);
+        let (tl, bt) = logits_f64(&teacher, seq);
+        big = big.max(bs).max(bt);
+        for (pos, &y) in seq.labels.iter().enumerate() {
+            if y == IGNORE_INDEX {
+                continue;
+            }
+            let q = probs(&sl[pos]);
+            if chosen.contains(&r) {
+                let p = probs(&tl[pos]);
+                kl += (0..V).map(|v| p[v] * (p[v].ln() - q[v].ln())).sum::<f64>();
+                n_sel += 1;
+            } else {
+                ce -= q[y as usize].ln();
+                n_un += 1;
+            }
+        }
+    }
+    let n = (n_sel + n_un) as f64;
+    // each part's mean times its share of the micro-batch's tokens: the sums over all tokens
+    let (want_kl, want_ce) = (kl / n, ce / n);
+    let r = train_record(&recs, 1);
+    assert_eq!(r["teacher_rows"], sel.len());
+    let tol = 16.0 * f32::EPSILON as f64 * (big + (V as f64).ln());
+    let got_kl = r["forward_kl"].as_f64().unwrap();
+    let got_ce = r["unselected_ce"].as_f64().unwrap();
+    let got = r["loss"].as_f64().unwrap();
+    assert!(
+        (got_kl - want_kl).abs() <= tol,
+        "KL part {got_kl} vs {want_kl} (tol {tol})"
+    );
+    assert!(
+        (got_ce - want_ce).abs() <= tol,
+        "CE part {got_ce} vs {want_ce} (tol {tol})"
+    );
+    assert!(
+        (got - want_kl - want_ce).abs() <= 2.0 * tol,
+        "{got} vs {}",
+        want_kl + want_ce
+    );
+}
+
+#[test]
 fn budget_one_is_the_plain_run_bit_for_bit() {
     let s = Setup::new();
     let plain = s.run_file("plain.toml", "plain", 5, "", "");

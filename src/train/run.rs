@@ -478,7 +478,17 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     // a teacher-query budget: the chosen sequences, before the store is checked for them
     let (mut budget, budget_record) = match &cfg.teacher.budget {
         Some(b) => {
-            let (state, record) = choose_budget(cfg, b, &student, teacher.as_ref(), &vocab, &ds)?;
+            // a resume takes the checkpoint's set (checked below) without measuring again
+            let recorded = match checkpoint::latest(&cfg.run.output) {
+                Ok(Some(ck)) if opts.resume => {
+                    checkpoint::read_state(&ck).ok().and_then(|st| st.budget)
+                }
+                _ => None,
+            };
+            let (state, record) = match recorded {
+                Some(st) => (st, Value::Null),
+                None => choose_budget(cfg, b, &student, teacher.as_ref(), &vocab, &ds)?,
+            };
             let run = BudgetRun::new(*b, state.chosen.clone(), ds.train.len(), total)?;
             (Some((run, state)), Some(record))
         }
@@ -788,7 +798,10 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             if state.budget.is_none() {
                 state.budget = Some(st);
             }
-            (Some(run), budget_record.filter(|_| state.step == 0))
+            (
+                Some(run),
+                budget_record.filter(|r| state.step == 0 && !r.is_null()),
+            )
         }
         None => (None, None),
     };
