@@ -17,6 +17,14 @@ pub struct Args {
     /// Capture only the training sequences the run's first N steps visit (and the validation ones)
     #[arg(long)]
     steps: Option<usize>,
+    /// Capture only this share of the training sequences, in (0, 1] (a teacher-query budget;
+    /// default: the run file's teacher.budget)
+    #[arg(long)]
+    budget: Option<f64>,
+    /// How the budget's sequences are chosen: uncertainty, rad, kd3 or random (default: the run
+    /// file's teacher.selection)
+    #[arg(long)]
+    selection: Option<String>,
     /// Afterwards, time the bare teacher forward over the same batches and print both rates
     #[arg(long)]
     compare_forward: bool,
@@ -28,7 +36,20 @@ pub struct Args {
 pub fn run(args: Args, threads: Option<i64>, device: Option<&str>) -> Result<()> {
     let mut cfg = RunConfig::load(&args.run_file, &args.set)?;
     super::train::settle(&mut cfg, threads, device)?;
+    // the flags over the run file's keys
+    let budget = match (args.budget, &args.selection) {
+        (None, None) => None,
+        (share, sel) => {
+            let file = cfg.teacher.budget;
+            let share = share.or(file.map(|b| b.share));
+            let sel = sel.clone().or(file.map(|b| b.selection.name().to_string()));
+            distill::teacher::budget::Budget::resolve(share, sel.as_deref(), None).map_err(|i| {
+                anyhow::anyhow!("--{}: {}", i.key.trim_start_matches("teacher."), i.msg)
+            })?
+        }
+    };
     let opts = CaptureOptions {
+        budget,
         out: args.out,
         append: args.append,
         steps: args.steps,

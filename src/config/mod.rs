@@ -177,6 +177,18 @@ impl RunConfig {
                 "cannot go with [onpolicy] mode = \"distillm\": a replayed sample has no problem to weigh it by",
             ));
         }
+        if teacher.budget.is_some() && !data.sources.is_empty() {
+            return Err(issue(
+                "teacher.budget",
+                "cannot go with [[data.source]] yet (the chosen set is of one source's sequences)",
+            ));
+        }
+        if teacher.budget.is_some() && (f.onpolicy.is_some() || f.paced.is_some()) {
+            return Err(issue(
+                "teacher.budget",
+                "cannot go with [onpolicy] or [paced] (their rows are not the chosen sequences)",
+            ));
+        }
         if f.paced.is_some() && data.packing {
             return Err(issue(
                 "data.packing",

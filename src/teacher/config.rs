@@ -17,6 +17,12 @@ pub struct TeacherFile {
     pub store: Option<PathBuf>,
     /// hybrid only: add what the live teacher computed to the store
     pub write_back: Option<bool>,
+    /// the share of training sequences the teacher is queried for, in (0, 1] (teacher/budget.rs)
+    pub budget: Option<f64>,
+    /// how that share is chosen: "uncertainty", "rad", "kd3" or "random" (default)
+    pub selection: Option<String>,
+    /// the other sequences: "cross_entropy" (default, trained on their labels) or "skip"
+    pub unselected: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +31,8 @@ pub struct TeacherConfig {
     pub dtype: Dtype,
     pub store: Option<PathBuf>,
     pub write_back: bool,
+    /// a teacher-query budget (None: every training sequence)
+    pub budget: Option<super::budget::Budget>,
 }
 
 impl TeacherFile {
@@ -51,6 +59,11 @@ impl TeacherFile {
             dtype,
             store: self.store.as_deref().map(|p| paths.resolve(p)),
             write_back,
+            budget: super::budget::Budget::resolve(
+                self.budget,
+                self.selection.as_deref(),
+                self.unselected.as_deref(),
+            )?,
         })
     }
 }

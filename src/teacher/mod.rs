@@ -5,6 +5,7 @@
 //! Positions are the batch's flattened (B·T) positions, row-major, so that the step can ask for
 //! chunks of them. The distribution comes as dense logits (…, V) or, from a store, as a sparse
 //! top-k with its tail mass and log-normaliser; the hidden states of chosen layers come with it.
+pub mod budget;
 pub mod config;
 pub mod hybrid;
 pub mod live;

@@ -3,9 +3,10 @@
 //! (`checkpoint`), the state a checkpoint carries (`state`), the hidden-state terms' layer maps and
 //! projections (`hidden`), on-policy steps on the student's own samples (`onpolicy`; DistiLLM's
 //! adaptive mode with its replay buffer: `distillm`), a run in stages (`stages`: progressive
-//! pruning), PACED's pass-rate weights (`paced`) with the answer checks (`answer_check`), and the
-//! fault-test hooks (`faults`).
+//! pruning), PACED's pass-rate weights (`paced`) with the answer checks (`answer_check`), a teacher-query budget's
+//! split micro-batches (`budget`), and the fault-test hooks (`faults`).
 pub mod answer_check;
+pub mod budget;
 pub mod checkpoint;
 pub mod distillm;
 pub mod faults;

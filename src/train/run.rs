@@ -8,6 +8,7 @@
 //!    (progressive pruning, train/stages.rs) cuts the student before the first step of each stage.
 //! 4. write-out: the student folder, a closing summary record, then loss.png and report.md made
 //!    from the records.
+use super::budget::BudgetRun;
 use super::checkpoint;
 use super::distillm::{self, Adaptive, Source};
 use super::faults::Faults;
@@ -113,6 +114,10 @@ struct Setup {
     distillm: Option<Adaptive>,
     /// PACED: the problems and the rows' weights (train/paced.rs)
     paced: Option<PacedRun>,
+    /// a teacher-query budget: the chosen rows (train/budget.rs), and the selection's record until
+    /// it is written
+    budget: Option<BudgetRun>,
+    budget_record: Option<Value>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -137,6 +142,9 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         tracing::info!("{summary}");
     }
     out.write_run_info(&run_info(cfg, opts, &s))?;
+    if let Some(r) = s.budget_record.take() {
+        out.metric(&r)?;
+    }
     let before = match s.start {
         Start::Resume(_) => None,
         _ => {
@@ -300,6 +308,13 @@ fn fingerprint_of(
         ("run.seed", cfg.run.seed.to_string()),
         ("onpolicy", format!("{:?}", cfg.onpolicy)),
         ("paced", format!("{:?}", cfg.paced)),
+        (
+            "teacher.budget",
+            cfg.teacher
+                .budget
+                .as_ref()
+                .map_or("none".into(), |b| b.describe()),
+        ),
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
@@ -473,14 +488,42 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         None => None,
     };
     let total = total_steps(cfg, ds.train.len());
+    // a teacher-query budget: the chosen sequences, before the store is checked for them
+    let (mut budget, budget_record) = match &cfg.teacher.budget {
+        Some(b) => {
+            // a resume takes the checkpoint's set (checked below) without measuring again
+            let recorded = match checkpoint::latest(&cfg.run.output) {
+                Ok(Some(ck)) if opts.resume => {
+                    checkpoint::read_state(&ck).ok().and_then(|st| st.budget)
+                }
+                _ => None,
+            };
+            let (state, record) = match recorded {
+                Some(st) => (st, Value::Null),
+                None => choose_budget(cfg, b, &student, teacher.as_ref(), &vocab, &ds)?,
+            };
+            let run = BudgetRun::new(*b, state.chosen.clone(), ds.train.len(), total)?;
+            (Some((run, state)), Some(record))
+        }
+        None => (None, None),
+    };
+    let chosen = budget.as_ref().map(|(r, _)| r.chosen.as_slice());
     let store = match &cfg.teacher.store {
-        Some(dir) => Some(open_store(cfg, dir, teacher.as_ref(), tok, &ds, total)?),
+        Some(dir) => Some(open_store(
+            cfg,
+            dir,
+            teacher.as_ref(),
+            tok,
+            &ds,
+            total,
+            chosen,
+        )?),
         None => None,
     };
     // a store that holds every sequence the run reads makes the live teacher unnecessary (unless
     // writing back)
     if let (Some(st), Some(_)) = (&store, &teacher) {
-        if missing_sequences(st, &ds, cfg, total).0 == 0
+        if missing_sequences(st, &ds, cfg, total, chosen).0 == 0
             && !cfg.teacher.write_back
             && cfg.onpolicy.is_none()
         {
@@ -567,7 +610,10 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     if let Some(p) = &projections {
         opt.add(&p.vs)?;
     }
-    let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
+    let n_sampled = budget
+        .as_ref()
+        .map_or(ds.train.len(), |(r, _)| r.sampled_len(ds.train.len()));
+    let mut sampler = Sampler::new(n_sampled, cfg.run.seed);
     let mut mixture = (!ds.sources.is_empty()).then(|| {
         let sizes: Vec<usize> = ds.sources.iter().map(|s| s.train.len()).collect();
         let weights: Vec<f64> = ds.sources.iter().map(|s| s.weight).collect();
@@ -599,6 +645,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         distillm: None,
         paced: None,
         mixture: mixture.as_ref().map(Mixture::state),
+        budget: None,
     };
     let mut adaptive = cfg
         .onpolicy
@@ -731,6 +778,21 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             }
             _ => {}
         }
+        // a budget: the set the uninterrupted run chose (and its teacher-row count)
+        if let Some((run, _)) = &budget {
+            let at = ck.join("state.json");
+            let rec = st
+                .budget
+                .as_ref()
+                .ok_or_else(|| Error::format(&at, "a budgeted run, but no chosen set recorded"))?;
+            rec.check(&run.budget, &ds.train)
+                .map_err(|m| Error::format(&at, m))?;
+            let b = run.budget;
+            budget = Some((
+                BudgetRun::new(b, rec.chosen.clone(), ds.train.len(), total)?,
+                rec.clone(),
+            ));
+        }
         state = st;
         tracing::info!("resuming from {} (step {})", ck.display(), state.step);
         Start::Resume(state.step)
@@ -760,7 +822,21 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         Some(t) => weight_checksums(&t.vs)?,
         None => vec![],
     };
+    let (budget, budget_record) = match budget {
+        Some((run, st)) => {
+            if state.budget.is_none() {
+                state.budget = Some(st);
+            }
+            (
+                Some(run),
+                budget_record.filter(|r| state.step == 0 && !r.is_null()),
+            )
+        }
+        None => (None, None),
+    };
     Ok(Setup {
+        budget,
+        budget_record,
         distillm: adaptive,
         paced,
         stop_ids,
@@ -893,6 +969,78 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
     })
 }
 
+/// A budget's chosen set and its record: a budgeted store's set (`distill capture --budget`, when
+/// it was chosen with the same budget and rule), else chosen now by the rule over the training
+/// sequences (the student as it starts; for rad/kd3 the live teacher, never the store's or a
+/// hybrid's signal, so that choosing writes nothing back).
+fn choose_budget(
+    cfg: &RunConfig,
+    b: &crate::teacher::budget::Budget,
+    student: &LoadedModel,
+    teacher: Option<&LoadedModel>,
+    vocab: &VocabMap,
+    ds: &Dataset,
+) -> Result<(crate::teacher::budget::BudgetState, Value)> {
+    use crate::teacher::budget::{self, BudgetState, Chosen};
+    let t0 = Instant::now();
+    let mut other = None;
+    if let Some(dir) = &cfg.teacher.store {
+        if let Some(st) = budget::read_store_file(dir)? {
+            if st.share == b.share && st.selection == b.selection.name() {
+                let at = dir.join(budget::STORE_FILE);
+                let mut set = BudgetState::from_keys(st.share, &st.selection, &st.keys, &ds.train)
+                    .map_err(|m| Error::format(&at, m))?;
+                set.check(b, &ds.train).map_err(|m| Error::format(&at, m))?;
+                set.teacher_rows = 0;
+                let chosen = Chosen {
+                    chosen: set.chosen.clone(),
+                    scores: None,
+                };
+                let rec = budget::record(
+                    b,
+                    ds.train.len(),
+                    &chosen,
+                    "store",
+                    t0.elapsed().as_secs_f64(),
+                );
+                return Ok((set, rec));
+            }
+            other = Some(format!(
+                "{}: the store's set was chosen with budget = {}, selection = {}",
+                dir.display(),
+                st.share,
+                st.selection
+            ));
+        }
+    }
+    let live = teacher.map(|t| Live::new(&t.model).with_vocab(vocab));
+    let chosen = budget::select(
+        b,
+        Some(&student.model),
+        live.as_ref().map(|l| l as &dyn TeacherSignal),
+        &ds.train,
+        cfg.run.seed,
+        cfg.optim.micro_batch,
+    )
+    .map_err(|e| {
+        let why = other
+            .as_deref()
+            .map_or(String::new(), |o| format!(" ({o})"));
+        Error::Invalid(format!("teacher.selection: {e}{why}"))
+    })?;
+    if let Some(o) = other {
+        tracing::warn!("{o}; chosen anew");
+    }
+    let rec = budget::record(
+        b,
+        ds.train.len(),
+        &chosen,
+        "measured",
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok((BudgetState::new(b, &chosen.chosen, &ds.train), rec))
+}
+
 /// The teacher signal of the run: the live teacher, the store, or both (a hybrid).
 fn signal<'a>(
     teacher: &'a Option<LoadedModel>,
@@ -910,14 +1058,23 @@ fn signal<'a>(
 }
 
 /// Of the sequences the run reads (validation, and the training sequences its `total` steps
-/// visit), how many the store does not hold, of how many; and the first missing one's place.
+/// visit; with a budget, the chosen ones), how many the store does not hold, of how many; and the
+/// first missing one's place.
 fn missing_sequences(
     store: &Store,
     ds: &Dataset,
     cfg: &RunConfig,
     total: usize,
+    chosen: Option<&[usize]>,
 ) -> (usize, usize, Option<String>) {
-    let needed = crate::teacher::store::capture::plan(ds, cfg, Some(total));
+    let needed = match chosen {
+        Some(c) => ds
+            .validation
+            .iter()
+            .chain(c.iter().map(|&i| &ds.train[i]))
+            .collect(),
+        None => crate::teacher::store::capture::plan(ds, cfg, Some(total)),
+    };
     let mut seen = std::collections::HashSet::new();
     let (mut missing, mut distinct, mut first) = (0, 0, None);
     for (i, s) in needed.iter().enumerate() {
@@ -949,6 +1106,7 @@ fn open_store(
     tok: &crate::model::Tokenizer,
     ds: &Dataset,
     total: usize,
+    chosen: Option<&[usize]>,
 ) -> Result<Store> {
     let store = Store::open(dir)?;
     let at = dir.join("store.json");
@@ -970,7 +1128,7 @@ fn open_store(
             ),
         ));
     }
-    let (missing, needed, first) = missing_sequences(&store, ds, cfg, total);
+    let (missing, needed, first) = missing_sequences(&store, ds, cfg, total, chosen);
     if missing > 0 && teacher.is_none() {
         return Err(Error::format(
             &at,
@@ -1182,11 +1340,15 @@ fn steps(
         // micro-batches by source: fresh student samples, replayed ones, the data's
         let mut sources = [0usize; 3];
         let mut source_rows = vec![0usize; s.ds.sources.len()];
+        let (mut teacher_rows, mut unselected_ce) = (0usize, 0.0);
         for micro in 0..cfg.optim.grad_accum {
-            let rows = match s.mixture.as_mut() {
+            let mut rows = match s.mixture.as_mut() {
                 Some(m) => m.next_batch(cfg.optim.micro_batch, cfg.run.seed, step, micro),
                 None => s.sampler.next_batch(cfg.optim.micro_batch),
             };
+            if let Some(b) = &s.budget {
+                rows = b.rows(rows); // skip: the sampler's indices are into the chosen set
+            }
             for &r in &rows {
                 if let Some(i) = s.ds.sources.iter().position(|x| x.train.contains(&r)) {
                     source_rows[i] += 1;
@@ -1231,13 +1393,29 @@ fn steps(
                 micro_opts.scale *= p.weigh(&mut batch)?;
             }
             tokens += batch.counted();
-            let m = micro_step(
-                &s.student.model,
-                Some(teacher.as_ref()),
-                &s.objective,
-                &batch,
-                &micro_opts,
-            )?;
+            let m = match &s.budget {
+                // the chosen rows with the objective and the teacher, the others with CE alone
+                Some(b) => {
+                    let r = b.micro_step(
+                        &s.student.model,
+                        teacher.as_ref(),
+                        &s.objective,
+                        &s.ds.train,
+                        &batch,
+                        &micro_opts,
+                    )?;
+                    teacher_rows += r.teacher_rows;
+                    unselected_ce += r.unselected_ce;
+                    r.step
+                }
+                None => micro_step(
+                    &s.student.model,
+                    Some(teacher.as_ref()),
+                    &s.objective,
+                    &batch,
+                    &micro_opts,
+                )?,
+            };
             if !m.finite {
                 finite = false;
                 continue; // keep drawing the step's micro-batches: the data position stays on schedule
@@ -1271,6 +1449,9 @@ fn steps(
         s.state.objective = s.objective.state();
         s.state.tokens_seen += tokens as u64;
         s.state.distillm = s.distillm.as_ref().map(Adaptive::state);
+        if let Some(b) = s.state.budget.as_mut() {
+            b.teacher_rows += teacher_rows as u64;
+        }
         let secs = t0.elapsed().as_secs_f64();
         if step.is_multiple_of(cfg.run.log_every) || step == total {
             let mut rec = json!({"kind": "train", "step": step, "loss": if skipped { Value::Null } else { json!(loss) },
@@ -1305,6 +1486,12 @@ fn steps(
             }
             if !source_rows.is_empty() {
                 rec["source_rows"] = json!(source_rows);
+            }
+            if let Some(b) = &s.state.budget {
+                // rows sent to the teacher at this step and so far (evaluations not counted)
+                rec["teacher_rows"] = json!(teacher_rows);
+                rec["teacher_rows_total"] = json!(b.teacher_rows);
+                rec["unselected_ce"] = json!(unselected_ce);
             }
             out.metric(&rec)?;
         }

@@ -35,4 +35,8 @@ pub struct TrainState {
     /// `[[data.source]]`: each source's data position and the weights in use (DDK changes them)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mixture: Option<crate::data::mixture::MixtureState>,
+    /// a teacher-query budget: the chosen sequences and the teacher rows asked so far
+    /// (teacher/budget.rs)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::teacher::budget::BudgetState>,
 }

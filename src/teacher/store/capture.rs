@@ -5,7 +5,10 @@
 //! training sequences in data order — or, with `steps`, exactly the training sequences the run's
 //! first `steps` optimizer steps visit, in the order it visits them (its sampler, its seed). A
 //! sequence the store already holds is skipped, so a killed capture run again continues where its
-//! last shard ended; `append` adds other data to an existing store.
+//! last shard ended; `append` adds other data to an existing store. With a teacher-query budget
+//! (`--budget`, teacher/budget.rs) only the chosen training sequences are captured (after the
+//! validation ones), and the set goes into the store's `budget.json`, which a run with the same
+//! budget and rule then uses as its set.
 use super::config::CaptureConfig;
 use super::header::{teacher_hash, template_hash, tokenizer_hash, Capture, Header, Identity};
 use super::select::select_rows;
@@ -32,6 +35,8 @@ pub struct CaptureOptions {
     pub progress: bool,
     /// afterwards, time the bare teacher forward over the same batches (the capture's overhead)
     pub compare_forward: bool,
+    /// capture only a budget's chosen training sequences (None: the run file's `[teacher] budget`)
+    pub budget: Option<crate::teacher::budget::Budget>,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +114,41 @@ pub fn load_teacher(cfg: &RunConfig, why: &str) -> Result<LoadedModel> {
     Ok(teacher)
 }
 
+/// The run's student as it starts, for a budget's selection rule: a folder, or the teacher's
+/// layers copied in f32 (layers chosen by similarity and runs in stages are refused).
+fn load_student(cfg: &RunConfig) -> Result<LoadedModel> {
+    use crate::student::StudentInit;
+    let device = cfg.run.device;
+    let teacher_f32 = || -> Result<LoadedModel> {
+        model::load(
+            cfg.teacher
+                .model_path("a student made of the teacher's layers")?,
+            device,
+        )
+        .map_err(|e| Error::Invalid(format!("teacher: {e}")))
+    };
+    let mut student = match &cfg.student.init {
+        StudentInit::Path(p) => {
+            model::load(p, device).map_err(|e| Error::Invalid(format!("student: {e}")))?
+        }
+        StudentInit::FromTeacher { layers } => {
+            crate::student::from_teacher_layers(&teacher_f32()?, layers, device)?
+        }
+        StudentInit::Teacher => {
+            let t = teacher_f32()?;
+            let all: Vec<usize> = (0..t.model.config.num_hidden_layers).collect();
+            crate::student::from_teacher_layers(&t, &all, device)?
+        }
+        StudentInit::Similarity { .. } => {
+            return Err(Error::Invalid(
+                "capture --budget: a student whose layers are chosen by similarity is not supported here; use selection = \"random\" or capture without a budget".into(),
+            ))
+        }
+    };
+    student.model.set_compute_kind(cfg.student.dtype.kind());
+    Ok(student)
+}
+
 pub fn capture(
     cfg: &RunConfig,
     capture: &CaptureConfig,
@@ -128,7 +168,42 @@ pub fn capture(
         .as_ref()
         .ok_or_else(|| Error::format(&teacher.source, "the teacher has no tokenizer"))?;
     let ds = data::load(&cfg.data, tok, model::eos_id(&teacher))?;
-    let planned = plan(&ds, cfg, opts.steps);
+    let budget = opts.budget.or(cfg.teacher.budget);
+    let (planned, budget_state) = match &budget {
+        None => (plan(&ds, cfg, opts.steps), None),
+        Some(_) if opts.steps.is_some() => {
+            return Err(Error::Invalid(
+                "capture: --steps and a budget do not go together (the budget decides which training sequences are read)".into(),
+            ))
+        }
+        Some(b) => {
+            let student = if b.selection.needs_student() {
+                Some(load_student(cfg)?)
+            } else {
+                None
+            };
+            let live = Live::new(&teacher.model);
+            let chosen = crate::teacher::budget::select(
+                b,
+                student.as_ref().map(|s| &s.model),
+                Some(&live as &dyn TeacherSignal),
+                &ds.train,
+                cfg.run.seed,
+                cfg.optim.micro_batch,
+            )
+            .map_err(|e| Error::Invalid(format!("capture --budget: {e}")))?;
+            let mut planned: Vec<&Sequence> = ds.validation.iter().collect();
+            planned.extend(chosen.chosen.iter().map(|&i| &ds.train[i]));
+            (
+                planned,
+                Some(crate::teacher::budget::BudgetState::new(
+                    b,
+                    &chosen.chosen,
+                    &ds.train,
+                )),
+            )
+        }
+    };
     let keys: Vec<u64> = planned.iter().map(|s| s.key()).collect();
     let identity = identity_of(
         cfg.teacher.model_path("a capture")?,
@@ -219,6 +294,9 @@ pub fn capture(
         }
     }
     let header = writer.finish()?;
+    if let Some(st) = &budget_state {
+        crate::teacher::budget::write_store_file(&dir, st)?;
+    }
     let loop_seconds = loop_start.elapsed().as_secs_f64();
     if let Some(b) = bar {
         b.finish_and_clear();
