@@ -148,6 +148,23 @@ fn lambda_zero_is_the_off_policy_run_step_for_step() {
         assert_eq!(x["loss"], y["loss"], "step {step}");
         assert_eq!(y["on_policy"], false);
     }
+    // the fingerprint as before DistiLLM, PACED and budgets existed: older checkpoints resume
+    let fp = |run: &str| -> Value {
+        let ck = s.path(run).join("checkpoints/step-00000008/state.json");
+        serde_json::from_str::<Value>(&std::fs::read_to_string(ck).unwrap()).unwrap()["fingerprint"]
+            .clone()
+    };
+    for run in ["off", "zero"] {
+        let f = fp(run);
+        for absent in ["paced", "teacher.budget", "data.source", "data.ddk"] {
+            assert!(f.get(absent).is_none(), "{run}: {absent} in {f}");
+        }
+    }
+    assert_eq!(fp("off")["onpolicy"], "None");
+    assert_eq!(
+        fp("zero")["onpolicy"],
+        "Some(OnPolicy { fraction: 0.0, temperature: 1.0, top_p: 1.0, max_new_tokens: 8, prompt_tokens: 16 })"
+    );
     // the evaluation adds the student's own samples, judged by the teacher
     let last = b.iter().rev().find(|r| r["kind"] == "eval").unwrap();
     assert!(last["onpolicy"]["kl"].as_f64().unwrap() > 0.0, "{last}");

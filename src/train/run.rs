@@ -306,22 +306,25 @@ fn fingerprint_of(
         ("optim.micro_batch", o.micro_batch.to_string()),
         ("optim.loss_chunk", o.loss_chunk.to_string()),
         ("run.seed", cfg.run.seed.to_string()),
-        ("onpolicy", format!("{:?}", cfg.onpolicy)),
-        ("paced", format!("{:?}", cfg.paced)),
+        // GKD's settings read as before DistiLLM's mode existed (older checkpoints still match)
         (
-            "teacher.budget",
-            cfg.teacher
-                .budget
-                .as_ref()
-                .map_or("none".into(), |b| b.describe()),
+            "onpolicy",
+            format!("{:?}", cfg.onpolicy).replace(", adaptive: None", ""),
         ),
         ("run.steps or run.epochs (total steps)", total.to_string()),
     ]
     .into_iter()
-    // several sources: their names, paths, weights and DDK (absent from a one-source run's, so
-    // its older checkpoints still match)
+    // the keys of later features only when given, so that older checkpoints still match: several
+    // sources (names, paths, weights) and DDK, PACED, a teacher-query budget
     .chain((!d.sources.is_empty()).then(|| ("data.source", format!("{:?}", d.sources))))
     .chain(d.ddk.map(|k| ("data.ddk", format!("{k:?}"))))
+    .chain(cfg.paced.as_ref().map(|p| ("paced", format!("{p:?}"))))
+    .chain(
+        cfg.teacher
+            .budget
+            .as_ref()
+            .map(|b| ("teacher.budget", b.describe())),
+    )
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
@@ -1349,17 +1352,18 @@ fn steps(
             if let Some(b) = &s.budget {
                 rows = b.rows(rows); // skip: the sampler's indices are into the chosen set
             }
-            for &r in &rows {
-                if let Some(i) = s.ds.sources.iter().position(|x| x.train.contains(&r)) {
-                    source_rows[i] += 1;
-                }
-            }
             let source = match (&s.distillm, on_policy) {
                 (Some(a), _) => a.source(cfg.run.seed, step, micro, total),
                 (None, Some(_)) => Source::Fresh,
                 (None, None) => Source::Data,
             };
             sources[source as usize] += 1;
+            // the data's rows per source (a replay trains on the buffer's samples instead)
+            for &r in rows.iter().filter(|_| source != Source::Replay) {
+                if let Some(i) = s.ds.sources.iter().position(|x| x.train.contains(&r)) {
+                    source_rows[i] += 1;
+                }
+            }
             let mut batch = match (source, &cfg.onpolicy) {
                 // the rows' prompts continued by the student, scored by the teacher
                 (Source::Fresh, Some(o)) => {

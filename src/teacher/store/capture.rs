@@ -84,11 +84,13 @@ pub fn data_fingerprint(keys: &[u64]) -> String {
 }
 
 /// The sequences a capture covers, in capture order: validation, then training (all, in data
-/// order; or those the first `steps` steps visit).
+/// order; or those the first `steps` steps visit; every one with several sources).
 pub fn plan<'d>(ds: &'d data::Dataset, cfg: &RunConfig, steps: Option<usize>) -> Vec<&'d Sequence> {
     let mut out: Vec<&Sequence> = ds.validation.iter().collect();
     match steps {
+        // several sources are drawn by weights that DDK changes as the run goes: every sequence
         None => out.extend(ds.train.iter()),
+        Some(_) if !ds.sources.is_empty() => out.extend(ds.train.iter()),
         Some(n) => {
             let mut sampler = Sampler::new(ds.train.len(), cfg.run.seed);
             for _ in 0..n * cfg.optim.grad_accum {
