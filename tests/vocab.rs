@@ -493,7 +493,8 @@ fn distill_check_reports_padding_remaps_and_refusals() {
     assert!(out.contains("264 embedding rows, 5 padding rows"), "{out}");
     assert!(out.contains("259 embedding rows, 0 padding rows"), "{out}");
     assert!(out.contains("over 48 positions"), "3 windows of 16: {out}");
-    let last = out.lines().last().unwrap();
+    // the pair's summary, before the headroom table
+    let last = out.lines().find(|l| l.starts_with("vocabulary:")).unwrap();
     assert!(
         last.starts_with(
             "vocabulary: identical tokenizers (259 tokens); rows teacher 264 (5 padding)"
@@ -525,6 +526,92 @@ fn distill_check_reports_padding_remaps_and_refusals() {
             "differs from the teacher's",
             "\"<|a|>\" (teacher none, student 257)",
         ],
+    );
+}
+
+#[test]
+fn distill_check_reports_each_teachers_headroom_and_warns_on_none() {
+    let dir = folder();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    // the student itself as a second teacher: no headroom at all
+    let out = stdout_ok(&[
+        "check",
+        &p("teacher"),
+        &p("student"),
+        "--teacher",
+        &p("student"),
+        "--data",
+        &p("train.txt"),
+        "--sequences",
+        "3",
+        "--seq-len",
+        "16",
+    ]);
+    assert!(
+        out.contains("headroom over the student on 3 windows of 16 tokens"),
+        "{out}"
+    );
+    let row = |who: &str| -> Vec<f64> {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("  {}: teacher ppl", p(who))))
+            .unwrap_or_else(|| panic!("no row for {who}: {out}"));
+        line.split([',', ':'])
+            .filter_map(|x| x.split_whitespace().last()?.parse::<f64>().ok())
+            .collect()
+    };
+    // [teacher ppl, student ppl, KL, top-1]
+    let (t, s) = (row("teacher"), row("student"));
+    assert_eq!((t.len(), s.len()), (4, 4), "{out}");
+    assert_eq!(
+        t[1], s[1],
+        "the student's perplexity is the same in every row"
+    );
+    assert_eq!(
+        s[0], s[1],
+        "a teacher equal to the student has its perplexity"
+    );
+    assert!(s[2].abs() < 1e-4 && s[3] == 1.0, "KL 0, top-1 1: {out}");
+    assert!(t[0].is_finite() && t[2] >= 0.0, "{out}");
+    // the student's perplexity, recomputed in f64 from its logits on the same windows
+    let student = distill::model::load(&dir.path().join("student"), tch::Device::Cpu).unwrap();
+    let tok = student.tokenizer.as_ref().unwrap();
+    let ids = tok
+        .encode(
+            &std::fs::read_to_string(dir.path().join("train.txt")).unwrap(),
+            true,
+        )
+        .unwrap();
+    let (mut nll, mut n, mut big) = (0.0f64, 0usize, 0.0f64);
+    for w in ids.chunks_exact(16).take(3) {
+        let x =
+            tch::Tensor::from_slice(&w.iter().map(|&i| i as i64).collect::<Vec<_>>()).unsqueeze(0);
+        let logits = tch::no_grad(|| student.model.forward(&x).unwrap());
+        let v = logits.size()[2] as usize;
+        let l = Vec::<f64>::try_from(&logits.to_kind(tch::Kind::Double).flatten(0, -1)).unwrap();
+        for t in 0..15 {
+            let row = &l[t * v..(t + 1) * v];
+            let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z = m + row.iter().map(|a| (a - m).exp()).sum::<f64>().ln();
+            nll += z - row[w[t + 1] as usize];
+            big = row.iter().fold(big, |b, x| b.max(x.abs()));
+            n += 1;
+        }
+    }
+    let want = (nll / n as f64).exp();
+    // printed to 2 decimals; the f32 log-softmax shifts the mean NLL by at most a few
+    // ε·(max |logit| + ln V), the perplexity by that factor
+    let rel = (8.0 * f32::EPSILON as f64 * (big + 259f64.ln())).exp() - 1.0;
+    assert!(
+        (s[1] - want).abs() <= 0.005 + want * rel,
+        "{} vs {want} (rel {rel})",
+        s[1]
+    );
+    let warning = format!("warning: {} is no better than the student", p("student"));
+    assert!(out.contains(&warning), "{out}");
+    assert_eq!(
+        out.matches("is no better than the student").count(),
+        1 + (t[0] >= t[1]) as usize
     );
 }
 
