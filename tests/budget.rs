@@ -115,26 +115,6 @@ tail_samples = 0
     }
 }
 
-fn train_ok(args: &[&str]) {
-    let out = distill(args);
-    assert!(
-        out.status.success(),
-        "distill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    distill::report::read_metrics(path).unwrap()
-}
-
-fn train_record(recs: &[Value], step: u64) -> Value {
-    recs.iter()
-        .find(|x| x["kind"] == "train" && x["step"] == step)
-        .unwrap()
-        .clone()
-}
-
 fn budget_record(recs: &[Value]) -> Value {
     recs.iter().find(|x| x["kind"] == "budget").unwrap().clone()
 }
@@ -146,10 +126,6 @@ fn indices(rec: &Value) -> Vec<usize> {
         .iter()
         .map(|x| x.as_u64().unwrap() as usize)
         .collect()
-}
-
-fn weights(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("model.safetensors")).unwrap()
 }
 
 /// The run's training sequences, read as the run reads them (the student's tokenizer).

@@ -16,7 +16,7 @@ use distill::teacher::Live;
 use distill::train::hidden::default_layer_map;
 use distill::train::step::{micro_step, StepOptions};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -691,19 +691,6 @@ output = "{output}"
 
 const TEACHER: &str = "path = \"teacher\"";
 const KL_AND_HIDDEN: &str = "[[loss]]\nkind = \"forward_kl\"\n\n[[loss]]\nkind = \"hidden\"\nmetric = \"cosine\"\nweight = 0.5\n";
-
-fn train_ok(args: &[&str]) {
-    let out = distill(args);
-    assert!(
-        out.status.success(),
-        "distill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    distill::report::read_metrics(path).unwrap()
-}
 
 fn train_values(recs: &[Value], key: &str) -> Vec<f64> {
     recs.iter()

@@ -99,30 +99,6 @@ output = "{output}"
 
 const ONPOLICY: &str = "[onpolicy]\nfraction = 0.5\nprompt_tokens = 8\nmax_new_tokens = 16\n";
 
-fn train_ok(args: &[&str]) {
-    let out = distill(args);
-    assert!(
-        out.status.success(),
-        "distill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    distill::report::read_metrics(path).unwrap()
-}
-
-fn train_record(recs: &[Value], step: u64) -> Value {
-    recs.iter()
-        .find(|x| x["kind"] == "train" && x["step"] == step)
-        .unwrap()
-        .clone()
-}
-
-fn weights(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("model.safetensors")).unwrap()
-}
-
 #[test]
 fn lambda_zero_is_the_off_policy_run_step_for_step() {
     let s = Setup::new();

@@ -14,7 +14,7 @@ use distill::objective::{LossTerm, Objective};
 use distill::train::paced::{self, PacedFile, PacedRun, PacedState};
 use distill::train::step::{micro_step, StepOptions};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -119,30 +119,6 @@ output = "{output}"
 }
 
 const FKL: &str = "[[loss]]\nkind = \"forward_kl\"\n";
-
-fn train_ok(args: &[&str]) {
-    let out = distill(args);
-    assert!(
-        out.status.success(),
-        "distill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    distill::report::read_metrics(path).unwrap()
-}
-
-fn train_record(recs: &[Value], step: u64) -> Value {
-    recs.iter()
-        .find(|x| x["kind"] == "train" && x["step"] == step)
-        .unwrap()
-        .clone()
-}
-
-fn weights(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("model.safetensors")).unwrap()
-}
 
 /// w(p) = p^α (1 − p)^β, floored, then scaled to mean 1 (all 1 when every value is 0): written
 /// here from the definition.

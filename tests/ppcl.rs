@@ -132,15 +132,6 @@ fn whole_teacher() -> String {
     format!("from_teacher = {{ {CALIBRATION} }}")
 }
 
-fn train_ok(args: &[&str]) {
-    let out = distill(args);
-    assert!(
-        out.status.success(),
-        "distill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn records(dir: &Path) -> Vec<Value> {
     distill::report::read_metrics(&dir.join("metrics.jsonl")).unwrap()
 }

@@ -10,7 +10,7 @@ use distill::data::ddk::Ddk;
 use distill::data::mixture::{draw_source, Mixture};
 use distill::model::{self, LlamaConfig, Tokenizer};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tch::Device;
 
@@ -116,19 +116,6 @@ output = "{output}"
 }
 
 const DDK: &str = "[data.ddk]\ninterval = 3\nalpha = 0.5\n";
-
-fn train_ok(args: &[&str]) {
-    let out = distill(args);
-    assert!(
-        out.status.success(),
-        "distill {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    distill::report::read_metrics(path).unwrap()
-}
 
 fn of_kind<'a>(recs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     recs.iter().filter(|r| r["kind"] == kind).collect()

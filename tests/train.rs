@@ -109,10 +109,6 @@ fn train_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn records(path: &Path) -> Vec<Value> {
-    distill::report::read_metrics(path).unwrap()
-}
-
 fn train_steps(recs: &[Value]) -> Vec<u64> {
     recs.iter()
         .filter(|r| r["kind"] == "train")
@@ -227,10 +223,6 @@ fn last_step(metrics: &Path) -> u64 {
         .filter_map(|r| r["step"].as_u64())
         .max()
         .unwrap_or(0)
-}
-
-fn weights(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("model.safetensors")).unwrap()
 }
 
 fn assert_each_step_once(recs: &[Value], total: u64) {

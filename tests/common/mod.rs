@@ -160,3 +160,31 @@ pub fn last_step(metrics: &Path) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// `distill ARGS` must succeed (its stderr shown when it does not).
+pub fn train_ok(args: &[&str]) {
+    let out = distill(args);
+    assert!(
+        out.status.success(),
+        "distill {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The records of a run's metrics.jsonl.
+pub fn records(path: &Path) -> Vec<serde_json::Value> {
+    distill::report::read_metrics(path).unwrap()
+}
+
+/// The train record of `step`.
+pub fn train_record(recs: &[serde_json::Value], step: u64) -> serde_json::Value {
+    recs.iter()
+        .find(|x| x["kind"] == "train" && x["step"] == step)
+        .unwrap()
+        .clone()
+}
+
+/// The bytes of a model folder's weights.
+pub fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
