@@ -32,6 +32,15 @@ if ! have_py_deps; then
   echo "setup: installing transformers, safetensors, gguf, zstandard" >&2
   "$VENV/bin/python" -m pip install -q transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 numpy==2.4.6 zstandard==0.25.0 >&2
 fi
+# A CUDA torch wheel ships NCCL's header and most of the CUDA runtime's, but not the two header
+# packages ProcessGroupNCCL.hpp also needs (crt/, nv/target): with them the c10d shim compiles
+# ProcessGroupNCCL as well (build.rs; without them, Gloo only). A few MB, from PyPI.
+CUDA_VERSION=$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")
+if [ -n "$CUDA_VERSION" ] && ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('nvidia-cuda-crt'); m.version('nvidia-cuda-cccl')" 2>/dev/null; then
+  echo "setup: installing the CUDA $CUDA_VERSION headers the c10d shim's NCCL part needs" >&2
+  "$VENV/bin/python" -m pip install -q --no-deps "nvidia-cuda-crt==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" >&2 ||
+    echo "setup: could not install them: distill will have Gloo only (CPU collectives)" >&2
+fi
 # llama.cpp's library, for the tests that llama.cpp loads the GGUF files we write
 "$(dirname "${BASH_SOURCE[0]}")/get-llama-cpp.sh"
 

@@ -27,6 +27,14 @@ pub enum Error {
     Tokenizer(String),
     #[error("{0}")]
     Invalid(String),
+    /// A collective of the distributed runtime failed or timed out (src/dist/): which rank, which
+    /// operation, c10d's message.
+    #[error("rank {rank}: {op}: {msg}")]
+    Distributed {
+        rank: usize,
+        op: String,
+        msg: String,
+    },
     /// libtorch's message without the C++ stack it appends (deliberately not a `source`: error
     /// chains would print the stack again).
     #[error("libtorch: {}", torch_summary(.0))]

@@ -101,6 +101,72 @@ pub fn distill_metrics(
             "evaluation needs at least one validation sequence".into(),
         ));
     }
+    distill_sums(teacher, student, seqs, batch)?.metrics()
+}
+
+/// The sums `DistillMetrics` are ratios of, over a set of sequences: sums of several sets (the
+/// ranks' shares of the validation data) add up to the sums of their union.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MetricSums {
+    /// Σ w·NLL of the student, of the teacher; Σ w·KL; Σ w·[top-1 equal]; Σ w
+    pub nll_student: f64,
+    pub nll_teacher: f64,
+    pub kl: f64,
+    pub agree: f64,
+    pub weight: f64,
+    /// positions with a weight > 0
+    pub tokens: usize,
+}
+
+impl MetricSums {
+    pub fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.nll_student,
+            self.nll_teacher,
+            self.kl,
+            self.agree,
+            self.weight,
+            self.tokens as f64,
+        ]
+    }
+
+    pub fn from_slice(v: &[f64]) -> MetricSums {
+        MetricSums {
+            nll_student: v[0],
+            nll_teacher: v[1],
+            kl: v[2],
+            agree: v[3],
+            weight: v[4],
+            tokens: v[5].round() as usize,
+        }
+    }
+
+    pub fn metrics(&self) -> Result<DistillMetrics> {
+        if self.tokens == 0 || self.weight <= 0.0 {
+            return Err(Error::Invalid(
+                "the validation data has no target token".into(),
+            ));
+        }
+        Ok(DistillMetrics {
+            student_ppl: (self.nll_student / self.weight).exp(),
+            teacher_ppl: (self.nll_teacher / self.weight).exp(),
+            kl: self.kl / self.weight,
+            top1: self.agree / self.weight,
+            tokens: self.tokens,
+        })
+    }
+}
+
+/// `distill_metrics`'s sums over `seqs` (none: all zero).
+pub fn distill_sums(
+    teacher: &dyn TeacherSignal,
+    student: &Llama,
+    seqs: &[Sequence],
+    batch: usize,
+) -> Result<MetricSums> {
+    if seqs.is_empty() {
+        return Ok(MetricSums::default());
+    }
     let device = student.device();
     let zero = || Tensor::f_zeros([], (Kind::Double, device));
     let (mut nll_s, mut nll_t, mut kl, mut agree, mut wsum) =
@@ -191,17 +257,12 @@ pub fn distill_metrics(
             Ok(())
         })
     })?;
-    let wsum = wsum.f_double_value(&[])?;
-    if n == 0 || wsum <= 0.0 {
-        return Err(Error::Invalid(
-            "the validation data has no target token".into(),
-        ));
-    }
-    Ok(DistillMetrics {
-        student_ppl: (nll_s.f_double_value(&[])? / wsum).exp(),
-        teacher_ppl: (nll_t.f_double_value(&[])? / wsum).exp(),
-        kl: kl.f_double_value(&[])? / wsum,
-        top1: agree.f_double_value(&[])? / wsum,
+    Ok(MetricSums {
+        nll_student: nll_s.f_double_value(&[])?,
+        nll_teacher: nll_t.f_double_value(&[])?,
+        kl: kl.f_double_value(&[])?,
+        agree: agree.f_double_value(&[])?,
+        weight: wsum.f_double_value(&[])?,
         tokens: n,
     })
 }

@@ -10,6 +10,7 @@ mod eval;
 mod generate;
 mod generate_data;
 mod inspect;
+mod launch;
 mod prune;
 mod prune_width;
 mod rank_students;
@@ -87,6 +88,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Start `distill train` in N local processes (data parallel over PyTorch's c10d, Gloo on the
+    /// CPU), as torchrun would
+    Launch(launch::Args),
     /// Training data from the teacher: it answers a run file's [generate_data] prompts (sampled
     /// across a temperature schedule), and the answers the student is furthest from are kept
     /// (DASD), or it writes rationales for labelled examples (distilling step-by-step)
@@ -191,6 +195,7 @@ pub fn run(cli: Cli) -> Result<()> {
             set,
         } => generate_data::run(&run_file, resume, overwrite, set, cli.threads, flag),
         Command::Demo { set, overwrite } => demo::run(set, overwrite, cli.threads, flag),
+        Command::Launch(args) => launch::run(args, cli.threads, flag),
         Command::Capture(args) => capture::run(args, cli.threads, flag),
         command => {
             set_threads(cli.threads, None)?;
@@ -214,6 +219,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Train { .. }
                 | Command::GenerateData { .. }
                 | Command::Demo { .. }
+                | Command::Launch(_)
                 | Command::Capture(_) => {
                     unreachable!("dispatched above")
                 }

@@ -29,7 +29,11 @@ pub fn run(
         progress: true,
         run_file: Some(run_file.to_path_buf()),
     };
-    print_summary(&distill::train::train(&cfg, &opts)?);
+    let summary = distill::train::train(&cfg, &opts)?;
+    // several processes: rank 0 speaks for the run
+    if std::env::var("RANK").map_or(true, |r| r.trim() == "0") {
+        print_summary(&summary);
+    }
     Ok(())
 }
 

@@ -269,6 +269,11 @@ impl AdamW {
         })
     }
 
+    /// The trainable parameters, in the optimizer's (name) order (shallow: the same storage).
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
+    }
+
     /// Moments by name ("m.<param>", "v.<param>") for the checkpoint.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();

@@ -54,9 +54,10 @@ pub enum Start {
 pub struct RunOutput {
     dir: PathBuf,
     metrics_path: PathBuf,
-    metrics: std::fs::File,
+    /// None: a rank other than 0 of a run over several processes, which writes nothing
+    metrics: Option<std::fs::File>,
     faults: Faults,
-    _lock: std::fs::File,
+    _lock: Option<std::fs::File>,
 }
 
 impl RunOutput {
@@ -117,10 +118,27 @@ impl RunOutput {
         Ok(RunOutput {
             dir: dir.to_path_buf(),
             metrics_path,
-            metrics,
+            metrics: Some(metrics),
             faults,
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// The output of a rank other than 0 (train/parallel.rs): it names the folder rank 0 writes
+    /// and writes nothing itself.
+    pub fn inert(dir: &Path) -> Self {
+        RunOutput {
+            dir: dir.to_path_buf(),
+            metrics_path: dir.join("metrics.jsonl"),
+            metrics: None,
+            faults: Faults::default(),
+            _lock: None,
+        }
+    }
+
+    /// Whether this output writes (rank 0, or the only process).
+    pub fn writes(&self) -> bool {
+        self.metrics.is_some()
     }
 
     pub fn dir(&self) -> &Path {
@@ -129,16 +147,22 @@ impl RunOutput {
 
     /// run.json: what the run is.
     pub fn write_run_info(&self, info: &Value) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let text = serde_json::to_string_pretty(info).expect("json values serialise");
         write_atomic(&self.dir.join("run.json"), text.as_bytes())
     }
 
     /// One metric record, flushed and fsynced.
     pub fn metric(&mut self, record: &Value) -> Result<()> {
+        let Some(metrics) = self.metrics.as_mut() else {
+            return Ok(());
+        };
         let line = format!("{record}\n");
-        self.metrics
+        metrics
             .write_all(line.as_bytes())
-            .and_then(|_| self.metrics.sync_data())
+            .and_then(|_| metrics.sync_data())
             .map_err(|e| Error::io(&self.metrics_path, e))
     }
 
@@ -152,6 +176,9 @@ impl RunOutput {
         state: &TrainState,
         keep_last: usize,
     ) -> Result<PathBuf> {
+        if !self.writes() {
+            return Ok(checkpoint::dir(&self.dir));
+        }
         checkpoint::save(
             &self.dir,
             student,
@@ -167,6 +194,9 @@ impl RunOutput {
     /// Named tensors as `OUTPUT/{file}` (atomically), beside the student folder.
     pub fn save_tensors(&self, file: &str, tensors: &[(String, tch::Tensor)]) -> Result<PathBuf> {
         let path = self.dir.join(file);
+        if !self.writes() {
+            return Ok(path);
+        }
         crate::model::hf::write_safetensors(&path, tensors)?;
         Ok(path)
     }
@@ -175,6 +205,9 @@ impl RunOutput {
     pub fn save_student(&self, student: &LoadedModel) -> Result<PathBuf> {
         let final_dir = self.dir.join("student");
         let partial = self.dir.join(".partial-student");
+        if !self.writes() {
+            return Ok(final_dir);
+        }
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
         }
@@ -188,6 +221,9 @@ impl RunOutput {
 
     /// loss.png (sources.png with several sources) and report.md, from run.json and the metric records alone.
     pub fn write_report(&self) -> Result<Vec<Value>> {
+        if !self.writes() {
+            return Ok(vec![]);
+        }
         let records = report::read_metrics(&self.metrics_path)?;
         let info: Value = serde_json::from_str(&read_to_string(&self.dir.join("run.json"))?)
             .map_err(|e| Error::format(self.dir.join("run.json"), e.to_string()))?;

@@ -17,6 +17,7 @@ use super::optim::{lr_at, AdamW};
 use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
 use super::paced::PacedRun;
+use super::parallel;
 use super::stages::{self, StageState, Staged};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
@@ -24,6 +25,7 @@ use crate::config::RunConfig;
 use crate::data::mixture::Mixture;
 use crate::data::{self, Batch, Dataset, Sampler};
 use crate::device::{check_available, device_name};
+use crate::dist::World;
 use crate::eval::{distill_metrics, DistillMetrics};
 use crate::fingerprint;
 use crate::model::{self, hf, LoadedModel};
@@ -118,6 +120,8 @@ struct Setup {
     /// it is written
     budget: Option<BudgetRun>,
     budget_record: Option<Value>,
+    /// this process among several (one by default; train/parallel.rs)
+    world: World,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -132,11 +136,27 @@ fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
 
 pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
+    // several processes (train/parallel.rs): the group first; the global micro-batch is the
+    // processes' micro-batches together, and what the sampler, the fingerprint and the step
+    // count see
+    let mut cfg = cfg.clone();
+    let world = parallel::join(&mut cfg)?;
+    cfg.optim.micro_batch *= world.size;
+    let cfg = &cfg;
     let mut s = set_up(cfg, opts)?;
-    let mut out = RunOutput::open(&cfg.run.output, s.start, Faults::from_env())?;
+    parallel::check_objective(&s.objective, world.size)?;
+    // every rank done with its set-up (and at the same step) before rank 0 takes the folder
+    parallel::agree_on_start(&world, s.state.step)?;
+    parallel::broadcast_start(&world, &s.opt)?;
+    s.world = world;
+    let mut out = if s.world.is_main() {
+        RunOutput::open(&cfg.run.output, s.start, Faults::from_env())?
+    } else {
+        RunOutput::inert(&cfg.run.output)
+    };
     // the vocabulary check's line, once the run holds its folder (a refused run prints one line)
     let summary = s.vocab_report.summary();
-    if opts.progress {
+    if opts.progress && s.world.is_main() {
         eprintln!("{summary}");
     } else {
         tracing::info!("{summary}");
@@ -838,6 +858,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         None => (None, None),
     };
     Ok(Setup {
+        world: World::single(),
         budget,
         budget_record,
         distillm: adaptive,
@@ -962,6 +983,8 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "optim": {"lr": cfg.optim.lr, "schedule": format!("{:?}", cfg.optim.schedule).to_lowercase(),
                   "warmup_steps": cfg.optim.warmup_steps, "micro_batch": cfg.optim.micro_batch,
                   "grad_accum": cfg.optim.grad_accum},
+        // micro_batch above is the global one: the processes' micro-batches together
+        "processes": s.world.size,
         "total_steps": s.state.total_steps,
         "seed": cfg.run.seed,
         "device": device_name(cfg.run.device),
@@ -1150,14 +1173,31 @@ fn open_store(
     Ok(store)
 }
 
+/// The validation metrics; over several processes each rank measures its share and the sums are
+/// reduced (every rank gets the whole result).
 fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
     let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
-    distill_metrics(
+    if s.world.size == 1 {
+        return distill_metrics(
+            teacher.as_ref(),
+            &s.student.model,
+            &s.ds.validation,
+            cfg.optim.micro_batch,
+        );
+    }
+    if s.ds.validation.is_empty() {
+        return Err(Error::Invalid(
+            "evaluation needs at least one validation sequence".into(),
+        ));
+    }
+    let mine = parallel::eval_rows(&s.world, s.ds.validation.len());
+    let sums = crate::eval::distill_sums(
         teacher.as_ref(),
         &s.student.model,
-        &s.ds.validation,
-        cfg.optim.micro_batch,
-    )
+        &s.ds.validation[mine],
+        cfg.optim.micro_batch / s.world.size,
+    )?;
+    parallel::reduce_sums(&s.world, sums)?.metrics()
 }
 
 /// Each source's validation metrics (`[[data.source]]`), in the sources' order.
@@ -1257,7 +1297,7 @@ fn steps(
     let names = s.objective.names().to_vec();
     let faults = Faults::from_env();
     let device = cfg.run.device;
-    let bar = opts.progress.then(|| progress_bar(total, s.state.step));
+    let bar = (opts.progress && s.world.is_main()).then(|| progress_bar(total, s.state.step));
     let chunk = (cfg.optim.loss_chunk > 0).then_some(cfg.optim.loss_chunk);
     let mut last_eval = None;
     while s.state.step < total {
@@ -1364,6 +1404,9 @@ fn steps(
                     source_rows[i] += 1;
                 }
             }
+            // several processes: this rank's share of the global micro-batch, its backward scaled
+            // by its share of the weight (train/parallel.rs)
+            let (rows, share) = parallel::my_rows(&s.world, &s.ds.train, &rows)?;
             let mut batch = match (source, &cfg.onpolicy) {
                 // the rows' prompts continued by the student, scored by the teacher
                 (Source::Fresh, Some(o)) => {
@@ -1393,6 +1436,7 @@ fn steps(
             };
             // PACED: each row's tokens weighted by its problem's w, the value by Σ w·m / Σ m
             let mut micro_opts = step_opts;
+            micro_opts.scale *= share;
             if let Some(p) = &s.paced {
                 micro_opts.scale *= p.weigh(&mut batch)?;
             }
@@ -1429,6 +1473,10 @@ fn steps(
                 *p += v;
             }
         }
+        // several processes: the gradients and the logged values summed across the ranks
+        let reduced = parallel::reduce_step(&s.world, &s.opt, loss, &parts, tokens, finite)?;
+        let (loss, parts, tokens, finite) =
+            (reduced.loss, reduced.parts, reduced.tokens, reduced.finite);
         let grad_norm = match (finite, cfg.optim.grad_clip) {
             (false, _) => f64::NAN,
             (true, Some(c)) => s.opt.clip(c)?,
@@ -1490,6 +1538,11 @@ fn steps(
             }
             if !source_rows.is_empty() {
                 rec["source_rows"] = json!(source_rows);
+            }
+            if let Some(t) = reduced.all_reduce_seconds {
+                // rank 0's wait in the gradients' all-reduce (includes waiting for slower ranks)
+                rec["all_reduce_seconds"] = json!(t);
+                rec["processes"] = json!(s.world.size);
             }
             if let Some(b) = &s.state.budget {
                 // rows sent to the teacher at this step and so far (evaluations not counted)

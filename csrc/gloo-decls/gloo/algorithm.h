@@ -1,0 +1,3 @@
+// distill: declarations only (see ../../README.md)
+#pragma once
+#include "gloo/context.h"

@@ -1,0 +1,2 @@
+// distill: declarations only (see ../../../README.md)
+#pragma once
