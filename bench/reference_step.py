@@ -4,7 +4,9 @@ threads, the teacher under torch.no_grad(), the same loss written the straightfo
 Prints one JSON report, shaped like distill's.
 
 usage: reference_step.py --teacher DIR --student DIR [--batch 4] [--seq 512] [--loss forward_kl]
-                         [--steps 3] [--warmup 1] [--threads N]
+                         [--steps 3] [--warmup 1] [--threads N] [--device cpu|cuda]
+On CUDA every time mark waits for the device (torch.cuda.synchronize) and the report adds the peak
+of allocated GPU memory.
 """
 import argparse
 import json
@@ -42,39 +44,50 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     if a.threads:
         torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32, attn_implementation="sdpa").eval()
-    student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32, attn_implementation="sdpa").train()
+    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32, attn_implementation="sdpa").to(dev).eval()
+    student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32, attn_implementation="sdpa").to(dev).train()
     for p in teacher.parameters():
         p.requires_grad_(False)
     vocab = min(teacher.config.vocab_size, student.config.vocab_size)
-    ids = torch.tensor([[(b * 7919 + t * 104729) % vocab for t in range(a.seq)] for b in range(a.batch)])
-    mask = torch.ones(a.batch, a.seq)
+    ids = torch.tensor([[(b * 7919 + t * 104729) % vocab for t in range(a.seq)] for b in range(a.batch)], device=dev)
+    mask = torch.ones(a.batch, a.seq, device=dev)
     mask[:, -1] = 0
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     names = ["teacher_forward", "student_forward", "loss", "backward", "optimizer"]
     phases = {n: [] for n in names}
     totals = []
     reset_peak()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
     for i in range(a.steps + a.warmup):
         opt.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0 = now()
         with torch.no_grad():
             t_logits = teacher(ids).logits
-        t1 = time.perf_counter()
+        t1 = now()
         s_logits = student(ids).logits
-        t2 = time.perf_counter()
+        t2 = now()
         loss = loss_fn(a.loss, s_logits[..., :vocab], t_logits[..., :vocab], mask)
         loss.item()
-        t3 = time.perf_counter()
+        t3 = now()
         loss.backward()
-        t4 = time.perf_counter()
+        t4 = now()
         opt.step()
-        t5 = time.perf_counter()
+        t5 = now()
         if i >= a.warmup:
             for n, (x, y) in zip(names, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)]):
                 phases[n].append((y - x) * 1e3)
@@ -85,6 +98,8 @@ def main():
         "batch": a.batch, "seq": a.seq, "threads": torch.get_num_threads(), "steps": a.steps,
         "ms_per_step": sec * 1e3, "tokens_per_s": a.batch * a.seq / sec, "peak_rss_mib": peak_rss_mib(),
         "phases": [[n, statistics.median(v)] for n, v in phases.items()],
+        "device": a.device,
+        **({"peak_gpu_mib": torch.cuda.max_memory_allocated(dev) / 2**20} if cuda else {}),
     }, indent=2))
 
 

@@ -45,15 +45,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Best f32 GFLOP/s of an n×n by n×n matmul over a few repetitions, at the current thread count.
+/// Best f32 GFLOP/s of an n×n by n×n matmul over a few repetitions on the CPU, at the current
+/// thread count.
 pub fn matmul_peak_gflops(n: i64) -> f64 {
-    let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
-    let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+    matmul_peak_gflops_on(n, Device::Cpu)
+}
+
+/// Wait for the device's queued work (CUDA runs asynchronously: a time read before it is the
+/// launch's, not the work's).
+pub fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// The same peak on `device` (on CUDA, synchronised around each product).
+pub fn matmul_peak_gflops_on(n: i64, device: Device) -> f64 {
+    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let b = Tensor::randn([n, n], (Kind::Float, device));
     let _ = a.matmul(&b); // warm-up
+    sync(device);
     (0..5)
         .map(|_| {
             let t = Instant::now();
             let c = a.matmul(&b);
+            sync(device);
             let s = t.elapsed().as_secs_f64();
             drop(c);
             2.0 * (n as f64).powi(3) / s / 1e9
@@ -156,6 +172,12 @@ pub fn step(
     ];
     let mut phases: Vec<Vec<f64>> = vec![vec![]; names.len()];
     let mut totals = vec![];
+    let device = student.model.device();
+    // a time mark after the device's work is done
+    let mark = |t0: &Instant| {
+        sync(device);
+        t0.elapsed().as_secs_f64()
+    };
     reset_peak_rss();
     for i in 0..steps + warmup {
         opt.zero_grad();
@@ -174,24 +196,24 @@ pub fn step(
             if !m.finite {
                 return Err(Error::Invalid("bench: non-finite loss".into()));
             }
-            marks.extend([0.0, 0.0, 0.0, t0.elapsed().as_secs_f64()]);
+            marks.extend([0.0, 0.0, 0.0, mark(&t0)]);
         } else {
             let t_dist = tch::no_grad(|| -> Result<TeacherDist> {
                 let sig = signal.prepare(&b, &[])?;
                 sig.positions(0, sig.len())
             })?;
-            marks.push(t0.elapsed().as_secs_f64());
+            marks.push(mark(&t0));
             let s_logits = student.model.forward(&ids)?.f_flatten(0, 1)?;
-            marks.push(t0.elapsed().as_secs_f64());
+            marks.push(mark(&t0));
             let (l, w) = b.flat_targets()?;
             let v = objective.compute(&s_logits, Some(&t_dist), &l, &w)?;
             let _ = v.total.f_double_value(&[])?;
-            marks.push(t0.elapsed().as_secs_f64());
+            marks.push(mark(&t0));
             v.total.f_backward()?;
-            marks.push(t0.elapsed().as_secs_f64());
+            marks.push(mark(&t0));
         }
         opt.step(1e-5)?;
-        marks.push(t0.elapsed().as_secs_f64());
+        marks.push(mark(&t0));
         if i >= warmup {
             let mut prev = 0.0;
             for (k, &m) in marks.iter().enumerate() {
@@ -210,7 +232,11 @@ pub fn step(
     let tokens = (batch * seq) as f64;
     let fpt = flops_per_token(teacher, student, seq);
     let from_store = teacher.is_none();
-    let peak_gflops = matmul_peak_gflops(1024);
+    // the peak of the device the step ran on (a larger product on a GPU, which 1024 leaves idle)
+    let peak_gflops = match device {
+        Device::Cuda(_) => matmul_peak_gflops_on(8192, device),
+        d => matmul_peak_gflops_on(1024, d),
+    };
     Ok(StepReport {
         implementation: format!(
             "distill{}{}",

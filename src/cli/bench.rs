@@ -120,9 +120,10 @@ pub fn run(cmd: BenchCommand, device: tch::Device) -> Result<()> {
                 bail!("--n must be in [1, 16384], got {n}");
             }
             println!(
-                "matmul f32 {n}x{n}, {} threads: {:.1} GFLOP/s",
+                "matmul f32 {n}x{n} on {}, {} threads: {:.1} GFLOP/s",
+                distill::device::device_name(device),
                 tch::get_num_threads(),
-                distill::bench::matmul_peak_gflops(n)
+                distill::bench::matmul_peak_gflops_on(n, device)
             );
             Ok(())
         }
