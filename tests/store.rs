@@ -292,6 +292,7 @@ print(json.dumps({k: [str(v.dtype), int(v.shape[0]), float(v.astype("float64").s
     assert!((lp + q * 20.0 / 255.0).abs() < 1e-6 * lp.abs() + 1e-3);
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_capture_killed_between_shard_and_header_resumes_without_repeats_or_gaps() {
     let env = env();
