@@ -384,6 +384,20 @@ fn a_store_that_belongs_elsewhere_is_refused_by_name() {
         &distill(&["train", &p(d, "sl.toml"), "--set", "data.seq_len=16"]),
         &["seq_len (store 32, this run 16)"],
     );
+    // packing: the text as one sequence per document instead of packed (its own validation file:
+    // one document holds out nothing)
+    run_file(d, "pk", "store = \"store\"", "");
+    assert_clean_failure(
+        &distill(&[
+            "train",
+            &p(d, "pk.toml"),
+            "--set",
+            "data.packing=false",
+            "--set",
+            "data.validation=\"b.txt\"",
+        ]),
+        &["packing (store true, this run false)"],
+    );
     // data: other text, no teacher model to fill in
     run_file(d, "data", "store = \"store\"", "");
     let text = std::fs::read_to_string(d.join("data.toml")).unwrap();
@@ -397,7 +411,7 @@ fn a_store_that_belongs_elsewhere_is_refused_by_name() {
         ],
     );
     // nothing was written by the refused runs
-    for n in ["t", "tok", "templ", "sl", "data"] {
+    for n in ["t", "tok", "templ", "sl", "pk", "data"] {
         assert!(!d.join(format!("out-{n}")).exists(), "{n}");
     }
 }
@@ -664,6 +678,16 @@ fn inspect_and_verify_describe_the_store() {
         i["shard_files"][1]["checksum"],
         h.shards[1].checksum.as_str()
     );
+    // by number: the n-th sequence in the header's order is the record of the n-th key
+    let keys: Vec<u64> = store.keys().collect();
+    assert_eq!(keys.len(), h.sequences());
+    for (n, &k) in keys.iter().enumerate() {
+        let a = store.get_index(n).unwrap().unwrap();
+        let b = store.get(k).unwrap().unwrap();
+        assert_eq!((a.shard.keys[a.row], a.row), (k, b.row));
+        assert_eq!(a.shard.tokens_of(a.row), b.shard.tokens_of(b.row));
+    }
+    assert!(store.get_index(keys.len()).unwrap().is_none());
     let v: serde_json::Value = serde_json::from_str(&ok(&distill(&[
         "store",
         "verify",
