@@ -116,7 +116,9 @@ fn p(dir: &Path, x: &str) -> String {
 }
 
 /// Every record of a store by key: (tokens, at, ids, logprobs, tail, log_z), for comparisons.
+#[cfg(feature = "fault-injection")]
 type Rec = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>);
+#[cfg(feature = "fault-injection")]
 fn records(dir: &Path) -> std::collections::BTreeMap<u64, Rec> {
     let store = Store::open(dir).unwrap();
     let mut out = std::collections::BTreeMap::new();
