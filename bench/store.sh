@@ -34,7 +34,7 @@ for s in "0.9 16 u8 0" "0.95 32 u8 0" "0.99 64 u8 0" "0.95 32 f16 0" "0.95 16 u8
   run "$B" --threads "$T" store verify "$d" --positions 2048 --json > "$d.verify.json"
 done
 
-# 2. capture throughput (36 sequences, after a warm-up forward)
+# 2. capture throughput at the defaults (36 sequences, after a warm-up forward)
 rm -rf "$W/throughput"
 run "$B" --threads "$T" capture examples/demo_store.toml --steps 5 --out "$W/throughput" --compare-forward | tee "$W/throughput.txt"
 
@@ -43,7 +43,9 @@ run "$B" --threads "$T" train examples/demo.toml --overwrite --set "run.output=\
 run "$B" --threads "$T" eval "$W/live/student" --run examples/demo.toml > "$W/live.eval.json"
 # the top-k store (tail = one bucket) and the sampled-tail store (the defaults)
 for kind in topk sampled; do
-  if [ $kind = topk ]; then sets="--set capture.max_k=32 --set capture.tail_samples=0"; else sets=""; fi
+  # every setting named, so the rows say exactly what was captured whatever the run file holds
+  if [ $kind = topk ]; then k=32 n=0; else k=16 n=24; fi
+  sets="--set capture.coverage=0.95 --set capture.max_k=$k --set capture.tail_samples=$n --set capture.quantisation=\"u8\""
   rm -rf "$W/store-$kind"
   run "$B" --threads "$T" capture examples/demo_store.toml --steps 150 --out "$W/store-$kind" $sets | tee "$W/capture-$kind.txt"
   run "$B" --threads "$T" train examples/demo_store.toml --overwrite --set "teacher.store=\"$W/store-$kind\"" --set "run.output=\"$W/from-store-$kind\"" >&2

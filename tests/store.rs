@@ -116,7 +116,9 @@ fn p(dir: &Path, x: &str) -> String {
 }
 
 /// Every record of a store by key: (tokens, at, ids, logprobs, tail, log_z), for comparisons.
+#[cfg(feature = "fault-injection")]
 type Rec = (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>);
+#[cfg(feature = "fault-injection")]
 fn records(dir: &Path) -> std::collections::BTreeMap<u64, Rec> {
     let store = Store::open(dir).unwrap();
     let mut out = std::collections::BTreeMap::new();
@@ -292,6 +294,7 @@ print(json.dumps({k: [str(v.dtype), int(v.shape[0]), float(v.astype("float64").s
     assert!((lp + q * 20.0 / 255.0).abs() < 1e-6 * lp.abs() + 1e-3);
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_capture_killed_between_shard_and_header_resumes_without_repeats_or_gaps() {
     let env = env();
@@ -383,6 +386,20 @@ fn a_store_that_belongs_elsewhere_is_refused_by_name() {
         &distill(&["train", &p(d, "sl.toml"), "--set", "data.seq_len=16"]),
         &["seq_len (store 32, this run 16)"],
     );
+    // packing: the text as one sequence per document instead of packed (its own validation file:
+    // one document holds out nothing)
+    run_file(d, "pk", "store = \"store\"", "");
+    assert_clean_failure(
+        &distill(&[
+            "train",
+            &p(d, "pk.toml"),
+            "--set",
+            "data.packing=false",
+            "--set",
+            "data.validation=\"b.txt\"",
+        ]),
+        &["packing (store true, this run false)"],
+    );
     // data: other text, no teacher model to fill in
     run_file(d, "data", "store = \"store\"", "");
     let text = std::fs::read_to_string(d.join("data.toml")).unwrap();
@@ -396,9 +413,60 @@ fn a_store_that_belongs_elsewhere_is_refused_by_name() {
         ],
     );
     // nothing was written by the refused runs
-    for n in ["t", "tok", "templ", "sl", "data"] {
+    for n in ["t", "tok", "templ", "sl", "pk", "data"] {
         assert!(!d.join(format!("out-{n}")).exists(), "{n}");
     }
+}
+
+/// The vocabulary line the library gives for the run's teacher and student folders.
+fn vocab_summary(d: &Path, student: &str) -> String {
+    let t = model::load(&d.join("teacher"), Device::Cpu).unwrap();
+    let s = model::load(&d.join(student), Device::Cpu).unwrap();
+    distill::teacher::vocab::check(&t, &s).unwrap().0.summary()
+}
+
+#[test]
+fn a_capture_runs_the_vocabulary_check_first() {
+    let env = env();
+    let d = env.path();
+    // a student with tokens the teacher lacks: refused before the store is made
+    run_file(d, "tok", "path = \"teacher\"\nstore = \"store-tok\"", "");
+    let text = std::fs::read_to_string(d.join("tok.toml")).unwrap();
+    std::fs::write(
+        d.join("tok.toml"),
+        text.replace("path = \"student\"", "path = \"other_tokenizer\""),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &distill(&["capture", &p(d, "tok.toml")]),
+        &[
+            "differs from the teacher's",
+            "only in the teacher's",
+            "cross-tokenizer distillation is not supported",
+        ],
+    );
+    assert!(!d.join("store-tok").exists(), "nothing written");
+    // a student with 5 padding rows beyond the tokenizer: captured, the line printed
+    let mut cfg = LlamaConfig::tiny(264, 48, 2, 4, 2);
+    cfg.eos_token_ids = vec![256];
+    let mut m = model::random(&cfg, Device::Cpu, 8).unwrap();
+    m.tokenizer = Some(Tokenizer::byte_level(SPECIALS).unwrap());
+    m.save_hf(&d.join("padded")).unwrap();
+    std::fs::write(
+        d.join("padded.toml"),
+        text.replace("path = \"student\"", "path = \"padded\"")
+            .replace("store-tok", "store-padded"),
+    )
+    .unwrap();
+    let out = distill(&["capture", &p(d, "padded.toml")]);
+    ok(&out);
+    let expected = vocab_summary(d, "padded");
+    assert!(expected.contains("student 264 (5 padding)"), "{expected}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l == expected),
+        "{expected}\nnot in\n{stderr}"
+    );
 }
 
 #[test]
@@ -594,6 +662,34 @@ fn inspect_and_verify_describe_the_store() {
     assert!(
         (i["mean_k"].as_f64().unwrap() - h.entries() as f64 / h.positions() as f64).abs() < 1e-9
     );
+    // the identity and fingerprints, as store.json has them
+    assert_eq!(i["identity"]["teacher"], h.identity.teacher.as_str());
+    assert_eq!(i["identity"]["tokenizer"], h.identity.tokenizer.as_str());
+    assert_eq!(
+        i["identity"]["chat_template"],
+        h.identity.chat_template.as_str()
+    );
+    assert_eq!(i["identity"]["seq_len"], 32);
+    assert_eq!(
+        i["captures"][0]["fingerprint"],
+        h.captures[0].fingerprint.as_str()
+    );
+    assert_eq!(i["selection"]["quantisation"], "f16");
+    assert_eq!(i["shard_files"].as_array().unwrap().len(), h.shards.len());
+    assert_eq!(
+        i["shard_files"][1]["checksum"],
+        h.shards[1].checksum.as_str()
+    );
+    // by number: the n-th sequence in the header's order is the record of the n-th key
+    let keys: Vec<u64> = store.keys().collect();
+    assert_eq!(keys.len(), h.sequences());
+    for (n, &k) in keys.iter().enumerate() {
+        let a = store.get_index(n).unwrap().unwrap();
+        let b = store.get(k).unwrap().unwrap();
+        assert_eq!((a.shard.keys[a.row], a.row), (k, b.row));
+        assert_eq!(a.shard.tokens_of(a.row), b.shard.tokens_of(b.row));
+    }
+    assert!(store.get_index(keys.len()).unwrap().is_none());
     let v: serde_json::Value = serde_json::from_str(&ok(&distill(&[
         "store",
         "verify",
@@ -788,4 +884,117 @@ fn sampled_tail_estimates_are_unbiased_and_seeded() {
             p[i]
         );
     }
+}
+
+/// KL(full ‖ reconstructed) of a store with tail draws, written plainly in f64 from the teacher's
+/// logits and the stored entries: the head chosen again from the exact distribution, the entries
+/// after it the draws (each at its stored estimate), Good–Turing's unseen mass m·max(N₁, 1)/n spread evenly
+/// over the tokens not stored, normalised; a position without draws spreads its stored tail.
+#[test]
+fn verify_reconstructs_a_sampled_store_with_the_unseen_mass() {
+    let env = env();
+    let d = env.path();
+    run_file(
+        d,
+        "cap",
+        "path = \"teacher\"\nstore = \"store\"",
+        "quantisation = \"f16\"",
+    );
+    let text = std::fs::read_to_string(d.join("cap.toml")).unwrap();
+    std::fs::write(
+        d.join("cap.toml"),
+        text.replace("tail_samples = 0", "tail_samples = 8"),
+    )
+    .unwrap();
+    ok(&distill(&["capture", &p(d, "cap.toml")]));
+    let v: serde_json::Value = serde_json::from_str(&ok(&distill(&[
+        "store",
+        "verify",
+        &p(d, "store"),
+        "--positions",
+        "100000",
+        "--json",
+    ])))
+    .unwrap();
+    let store = Store::open(&d.join("store")).unwrap();
+    let sel = store.header.selection;
+    assert_eq!((sel.tail_samples, sel.temperature), (8, 1.0));
+    let n = sel.tail_samples as f64;
+    let teacher = model::load(&d.join("teacher"), Device::Cpu).unwrap();
+    let (mut kl_sum, mut positions, mut sampled, mut unseen) = (0.0f64, 0usize, 0usize, 0usize);
+    for s in 0..store.header.shards.len() {
+        let sh = store.shard(s).unwrap();
+        for row in 0..sh.len() {
+            let tokens: Vec<i64> = sh.tokens_of(row).iter().map(|&x| x as i64).collect();
+            let x = Tensor::from_slice(&tokens).view([1, -1]);
+            let logits = tch::no_grad(|| teacher.model.forward(&x).unwrap())
+                .squeeze_dim(0)
+                .to_kind(Kind::Double);
+            for p in sh.positions(row) {
+                let t = sh.at[p] as usize;
+                let z: Vec<f64> = Vec::<f64>::try_from(logits.get(t as i64)).unwrap();
+                let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + z.iter().map(|a| (a - mx).exp()).sum::<f64>().ln();
+                let lp: Vec<f64> = z.iter().map(|a| a - lse).collect();
+                let e = sh.entries(p);
+                let kept: Vec<usize> = sh.ids[e.clone()].iter().map(|&i| i as usize).collect();
+                let stored: Vec<f64> = sh.logprobs[e].iter().map(|&x| x as f64).collect();
+                let tail = if sh.log_tail[p] == distill::teacher::store::select::CLOSED_TAIL {
+                    sampled += 1;
+                    // the head: the most probable tokens until their mass reaches the coverage
+                    // (at most max_k), the label last in place of the k-th when not among them
+                    let mut order: Vec<usize> = (0..lp.len()).collect();
+                    order.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]));
+                    let (mut head, mut mass) = (Vec::new(), 0.0);
+                    while head.len() < sel.max_k && mass < sel.coverage {
+                        mass += lp[order[head.len()]].exp();
+                        head.push(order[head.len()]);
+                    }
+                    let label = tokens[t + 1] as usize;
+                    if !head.contains(&label) {
+                        if head.len() == sel.max_k {
+                            head.pop();
+                        }
+                        head.push(label);
+                    }
+                    assert_eq!(&kept[..head.len()], &head[..], "the stored head");
+                    let drawn: Vec<f64> = stored[head.len()..].iter().map(|l| l.exp()).collect();
+                    let m: f64 = drawn.iter().sum();
+                    let once = drawn
+                        .iter()
+                        .filter(|&&q| (q * n / m).round() == 1.0)
+                        .count();
+                    unseen += usize::from(once > 0);
+                    m * once.max(1) as f64 / n
+                } else {
+                    (sh.log_tail[p] as f64).exp()
+                };
+                let rest = (lp.len() - kept.len()) as f64;
+                let mut r = vec![tail / rest; lp.len()];
+                for (&i, &l) in kept.iter().zip(&stored) {
+                    r[i] = l.exp();
+                }
+                let total: f64 = r.iter().sum();
+                kl_sum += lp
+                    .iter()
+                    .zip(&r)
+                    .map(|(l, q)| l.exp() * (l - (q / total).ln()))
+                    .sum::<f64>();
+                positions += 1;
+            }
+        }
+    }
+    assert!(
+        sampled > 0 && unseen > 0,
+        "{sampled} sampled positions, {unseen} with a token drawn once"
+    );
+    assert_eq!(v["positions"], positions);
+    let expected = kl_sum / positions as f64;
+    let got = v["kl_reconstructed"].as_f64().unwrap();
+    // the same f32 logits, the f64 arithmetic in another order
+    assert!(expected.is_finite() && expected > 0.0, "{expected}");
+    assert!(
+        (got - expected).abs() < 1e-9 * (1.0 + expected),
+        "{got} vs {expected}"
+    );
 }

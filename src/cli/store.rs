@@ -35,11 +35,37 @@ pub fn run(cmd: StoreCommand, device: tch::Device) -> Result<()> {
         StoreCommand::Inspect { path, json } => {
             let store = Store::open(&path)?;
             let i = inspect(&store)?;
+            let h = &store.header;
             if json {
-                println!("{}", serde_json::to_string_pretty(&i)?);
+                // the numbers, and what the store belongs to (store.json less each shard's keys)
+                let mut j = serde_json::to_value(&i)?;
+                let shards: Vec<serde_json::Value> = h
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "file": s.file,
+                            "sequences": s.sequences,
+                            "positions": s.positions,
+                            "bytes": s.bytes,
+                            "checksum": s.checksum,
+                        })
+                    })
+                    .collect();
+                if let Some(o) = j.as_object_mut() {
+                    o.insert("format".into(), serde_json::json!(h.format));
+                    o.insert("version".into(), serde_json::json!(h.version));
+                    o.insert("identity".into(), serde_json::to_value(&h.identity)?);
+                    o.insert("teacher_source".into(), serde_json::json!(h.teacher_source));
+                    o.insert("teacher_dtype".into(), serde_json::json!(h.teacher_dtype));
+                    o.insert("vocab_rows".into(), serde_json::json!(h.vocab_rows));
+                    o.insert("selection".into(), serde_json::to_value(h.selection)?);
+                    o.insert("captures".into(), serde_json::to_value(&h.captures)?);
+                    o.insert("shard_files".into(), serde_json::Value::Array(shards));
+                }
+                println!("{}", serde_json::to_string_pretty(&j)?);
                 return Ok(());
             }
-            let h = &store.header;
             println!("store      {}", path.display());
             println!(
                 "teacher    {} ({}), identity {}",
@@ -104,13 +130,18 @@ pub fn run(cmd: StoreCommand, device: tch::Device) -> Result<()> {
             );
             if h.selection.tail_samples > 0 {
                 println!(
-                    "(tail draws: the drawn tokens hold estimates m·c/n, not p; KL(reduced), top-1 and |Δ log p| below compare them with the exact p, i.e. measure the draws' noise, and KL(full ‖ reconstructed) gives the undrawn tokens nothing)"
+                    "(tail draws: the drawn tokens hold estimates m·c/n, not p; KL(reduced), top-1 and |Δ log p| below compare them with the exact p, i.e. measure the draws' noise; KL(full ‖ reconstructed) gives the tokens never drawn Good–Turing's estimate of the mass the draws missed, spread evenly)"
                 );
             }
             println!("captured mass             {:.4}", v.captured_mass);
             println!(
-                "KL(full ‖ reconstructed)  {:.4} nats (tail spread evenly)",
-                v.kl_reconstructed
+                "KL(full ‖ reconstructed)  {:.4} nats ({})",
+                v.kl_reconstructed,
+                if h.selection.tail_samples > 0 {
+                    "head as stored, draws at their estimates, the unseen mass spread evenly"
+                } else {
+                    "tail spread evenly"
+                }
             );
             println!(
                 "KL(reduced)               {:.6} nats (quantisation only)",

@@ -18,6 +18,7 @@ use crate::config::RunConfig;
 use crate::data::{self, Batch, Sampler, Sequence, IGNORE_INDEX};
 use crate::fingerprint::Fnv64;
 use crate::model::{self, LoadedModel};
+use crate::teacher::vocab::{self, VocabReport};
 use crate::teacher::{Live, TeacherSignal};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -151,6 +152,28 @@ fn load_student(cfg: &RunConfig) -> Result<LoadedModel> {
     Ok(student)
 }
 
+/// The vocabulary check a run does at set-up (`teacher::vocab`), against the run's student, with
+/// its refusals: tokens on one side only, and (a store is read in the teacher's ids) tokens at other
+/// ids. A student built from the teacher's layers has the teacher's tokenizer and rows; a student
+/// folder is loaded on the CPU for the comparison and dropped.
+pub fn check_vocabulary(cfg: &RunConfig, teacher: &LoadedModel) -> Result<VocabReport> {
+    use crate::student::StudentInit;
+    let student = match &cfg.student.init {
+        StudentInit::Path(p) => Some(
+            model::load(p, tch::Device::Cpu)
+                .map_err(|e| Error::Invalid(format!("student: {e}")))?,
+        ),
+        _ => None,
+    };
+    let (report, map) = vocab::check(teacher, student.as_ref().unwrap_or(teacher))?;
+    if map.translates_ids() {
+        return Err(Error::Invalid(
+            "capture: the student's tokenizer has tokens at other ids than the teacher's; a store is read in the teacher's ids, which is supported only when they agree (padding rows may differ)".into(),
+        ));
+    }
+    Ok(report)
+}
+
 pub fn capture(
     cfg: &RunConfig,
     capture: &CaptureConfig,
@@ -165,6 +188,10 @@ pub fn capture(
             Error::Invalid("teacher.store: where to write the store (or pass --out)".into())
         })?;
     let teacher = load_teacher(cfg, "a capture")?;
+    // the run's vocabulary check before anything is written: a store for a student that training
+    // would refuse is not made (its line is printed once the store is open: a refused capture
+    // prints one line)
+    let summary = check_vocabulary(cfg, &teacher)?.summary();
     let tok = teacher
         .tokenizer
         .as_ref()
@@ -234,6 +261,11 @@ pub fn capture(
         },
         capture.shard_sequences,
     )?;
+    if opts.progress {
+        eprintln!("{summary}");
+    } else {
+        tracing::info!("{summary}");
+    }
     // what is left, each distinct sequence once
     let mut todo: Vec<&Sequence> = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -248,15 +280,18 @@ pub fn capture(
             todo.push(s);
         }
     }
-    let total_positions: usize = todo.iter().map(|s| targets(s).len()).sum();
+    // the bar counts the tokens the teacher runs over (as the closing line's tokens/s does); the
+    // target positions are fewer (a sequence's last token and masked prompts have none)
+    let total_tokens: usize = todo.iter().map(|s| s.ids.len()).sum();
     let bar = opts.progress.then(|| {
-        let b = indicatif::ProgressBar::new(total_positions as u64);
+        let b = indicatif::ProgressBar::new(total_tokens as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "capture {bar:30} {pos}/{len} positions, {per_sec} [{elapsed} < {eta}]",
+                "capture {bar:30} {pos}/{len} tokens, {msg}, ETA {eta} ({elapsed} so far)",
             )
             .expect("valid template"),
         );
+        b.set_message("- tokens/s");
         b
     });
     let live = Live::new(&teacher.model);
@@ -292,7 +327,9 @@ pub fn capture(
             })?;
         }
         if let Some(b) = &bar {
-            b.set_position(positions as u64);
+            b.set_position(tokens as u64);
+            let rate = tokens as f64 / loop_start.elapsed().as_secs_f64().max(1e-9);
+            b.set_message(format!("{rate:.1} tokens/s"));
         }
     }
     let header = writer.finish()?;

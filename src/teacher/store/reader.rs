@@ -1,5 +1,7 @@
 //! Reading a teacher store: the header, an index from sequence key to (shard, row), and shards
-//! memory-mapped, checked against their checksum and decoded when first asked for (a few kept).
+//! memory-mapped, checked against their checksum and decoded whole when first asked for (the
+//! `CACHED_SHARDS` most recently used kept). A sequence is read by its key (`get`) or by its number
+//! in the store (`get_index`).
 use super::header::{parse_key, Header};
 use super::shard::{self, Shard};
 use crate::fingerprint::Fnv64;
@@ -93,6 +95,22 @@ impl Store {
             .shards
             .iter()
             .flat_map(|s| s.keys.iter().filter_map(|k| parse_key(k)))
+    }
+
+    /// The record of the `i`-th sequence in the store's order (shards in order, rows in order: the
+    /// capture's order), or None past the end.
+    pub fn get_index(&self, i: usize) -> Result<Option<Record>> {
+        let mut first = 0;
+        for (s, e) in self.header.shards.iter().enumerate() {
+            if i < first + e.sequences {
+                return Ok(Some(Record {
+                    shard: self.shard(s)?,
+                    row: i - first,
+                }));
+            }
+            first += e.sequences;
+        }
+        Ok(None)
     }
 
     /// The record of `key`, or None when the store does not hold it.

@@ -181,25 +181,13 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection, seed: u64) -> Re
     let k = k as usize;
     let mut chosen: Vec<(Vec<u32>, Vec<f32>, f64)> = Vec::with_capacity(n as usize);
     for (row, &label) in labels.iter().enumerate() {
-        let vals = &top_v[row * k..(row + 1) * k];
-        let ids = &top_i[row * k..(row + 1) * k];
-        // the smallest prefix reaching the coverage
-        let mut mass = 0.0f64;
-        let mut take = 0;
-        while take < k && mass < sel.coverage {
-            mass += (vals[take] as f64).exp();
-            take += 1;
-        }
-        let mut kept_ids: Vec<u32> = ids[..take].iter().map(|&i| i as u32).collect();
-        let mut kept_lp: Vec<f32> = vals[..take].to_vec();
-        if !kept_ids.contains(&(label as u32)) {
-            if take == k {
-                kept_ids.pop();
-                kept_lp.pop();
-            }
-            kept_ids.push(label as u32);
-            kept_lp.push(label_lp[row]);
-        }
+        let (kept_ids, kept_lp) = head(
+            &top_v[row * k..(row + 1) * k],
+            &top_i[row * k..(row + 1) * k],
+            label,
+            label_lp[row],
+            sel.coverage,
+        );
         let kept_mass: f64 = kept_lp.iter().map(|&x| (x as f64).exp()).sum();
         chosen.push((kept_ids, kept_lp, 1.0 - kept_mass));
     }
@@ -251,6 +239,36 @@ pub fn select(logits: &Tensor, labels: &[i64], sel: &Selection, seed: u64) -> Re
             }
         })
         .collect())
+}
+
+/// The head of a position from its `k` = min(max_k, V) most probable tokens (`vals`, log p
+/// descending, and their `ids`): the smallest prefix whose mass reaches `coverage`, and the label
+/// (with its log p `label_lp`), which takes the last place when the prefix is all k.
+pub fn head(
+    vals: &[f32],
+    ids: &[i64],
+    label: i64,
+    label_lp: f32,
+    coverage: f64,
+) -> (Vec<u32>, Vec<f32>) {
+    let k = vals.len();
+    let mut mass = 0.0f64;
+    let mut take = 0;
+    while take < k && mass < coverage {
+        mass += (vals[take] as f64).exp();
+        take += 1;
+    }
+    let mut kept_ids: Vec<u32> = ids[..take].iter().map(|&i| i as u32).collect();
+    let mut kept_lp: Vec<f32> = vals[..take].to_vec();
+    if !kept_ids.contains(&(label as u32)) {
+        if take == k {
+            kept_ids.pop();
+            kept_lp.pop();
+        }
+        kept_ids.push(label as u32);
+        kept_lp.push(label_lp);
+    }
+    (kept_ids, kept_lp)
 }
 
 /// The head of each row (`chosen`: ids, exact log p, 1 − head mass) plus `tail_samples` draws

@@ -15,6 +15,17 @@
 //!   log_tail   F32 [P]  log of the mass of the tokens not kept (log Σ_{v not kept} p(v))
 //!   log_z      F32 [P]  logsumexp(t/T) over the whole vocabulary
 //! Metadata: format, quantisation.
+//!
+//! Why safetensors shards compressed with zstd, rather than Parquet or Arrow: a Python user opens a
+//! shard with two small packages (`zstandard`, `safetensors`) and gets the tensors as they are
+//! written (flat typed arrays with offsets, u8/f16 log-probabilities and u16 ids exactly, no nested
+//! list columns to unpack); the Rust side needs no Arrow or Parquet dependency (safetensors is how
+//! models are read already). The cost: one zstd frame per shard, so a shard is decoded whole.
+//! Reading (reader.rs): the compressed file is memory-mapped and its checksum checked, then the
+//! shard is decoded whole (zstd, then safetensors) into the flat arrays of `Shard` and kept in a
+//! small cache of recently used shards; a sequence is found by its key (store.json lists each
+//! shard's keys: key → shard, row) or by its number in the store (`Store::get_index`). The map
+//! saves a copy of the compressed bytes, not the decode: each cache miss decodes a whole shard.
 use super::select::{Kept, Quant};
 use crate::{Error, Result};
 use safetensors::{Dtype, SafeTensors};

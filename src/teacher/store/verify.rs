@@ -7,7 +7,15 @@
 //!   captured mass      Σ_{v kept} p(v), p the teacher's full distribution at the store's T
 //!   KL(full ‖ reconstructed)  r(v) = the stored p(v) on kept tokens and the tail mass spread evenly
 //!                      over the other V − k tokens, r normalised: what a full-vocabulary consumer
-//!                      of the store sees
+//!                      of the store sees. With tail draws (the stored tail is closed: the draws'
+//!                      estimates m·c/n already sum to the tail mass m, nothing is left for the
+//!                      V − k tokens never drawn, and the KL would be infinite) the head is taken
+//!                      as stored, each drawn token at its estimate m·c/n, and the tokens not
+//!                      stored share evenly Good–Turing's estimate of the mass the draws missed,
+//!                      u = m·max(N₁, 1)/n (N₁ the tokens drawn once; `unseen_mass`), r normalised (by
+//!                      1 + u). Which entries are draws is found by choosing the head again from
+//!                      the exact distribution (`select::head`, the label the sequence's next
+//!                      token); a drawn label keeps its place in the head and is counted there.
 //!   KL(reduced)        KL(p̃ ‖ s̃) over the K + 1 outcomes (kept tokens + tail) between the
 //!                      teacher's exact reduced distribution and the stored one: the quantisation
 //!                      error alone (what training from the store sees, losses/reduced.rs)
@@ -16,6 +24,7 @@
 //!                      wrong teacher shows here first)
 use super::header::teacher_hash;
 use super::reader::Store;
+use super::select::{head, CLOSED_TAIL};
 use crate::data::Batch;
 use crate::model::LoadedModel;
 use crate::teacher::{Live, TeacherSignal};
@@ -60,6 +69,24 @@ pub fn inspect(store: &Store) -> Result<Inspection> {
     })
 }
 
+/// Good–Turing's estimate of the tail mass that no draw reached, from the drawn tokens' stored
+/// log-estimates ln(m·c/n) and the number of draws n: m̂·max(N₁, 1)/n, with m̂ = Σ p̂ (the tail mass
+/// m, up to quantisation), c = round(p̂·n/m̂) each token's draws and N₁ the tokens drawn once (at
+/// least one draw's worth, so that no token is given 0 when every drawn token came twice). 0
+/// without draws.
+pub fn unseen_mass(drawn_logp: &[f64], n: usize) -> f64 {
+    let m: f64 = drawn_logp.iter().map(|l| l.exp()).sum();
+    if drawn_logp.is_empty() || n == 0 || m <= 0.0 {
+        return 0.0;
+    }
+    let once = drawn_logp
+        .iter()
+        .filter(|l| (l.exp() * n as f64 / m).round() <= 1.0)
+        .count()
+        .max(1);
+    m * once as f64 / n as f64
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Verification {
     pub positions: usize,
@@ -85,7 +112,8 @@ pub fn verify(
 ) -> Result<Verification> {
     let h = &store.header;
     let teacher_matches = teacher_hash(teacher_path, dtype)? == h.identity.teacher;
-    let temperature = h.selection.temperature;
+    let sel = &h.selection;
+    let temperature = sel.temperature;
     // whole sequences, evenly spread over the store, until `positions` are covered
     let total_seq = h.sequences();
     let per_seq = (h.positions() / total_seq.max(1)).max(1);
@@ -127,8 +155,27 @@ pub fn verify(
             let e = shard.entries(p);
             let kept: Vec<i64> = shard.ids[e.clone()].iter().map(|&x| x as i64).collect();
             let stored: Vec<f64> = shard.logprobs[e].iter().map(|&x| x as f64).collect();
-            let tail = (shard.log_tail[p] as f64).exp();
             let full = logp.f_select(0, pos)?; // (V)
+            let tail = if sel.tail_samples > 0 && shard.log_tail[p] == CLOSED_TAIL {
+                // the capture's head, chosen again from the exact distribution: the entries after
+                // it are the draws
+                let label = ids.get(pos as usize + 1).copied();
+                let (vals, top) = full.f_topk(sel.max_k.min(v as usize) as i64, 0, true, true)?;
+                let vals: Vec<f32> = Vec::<f64>::try_from(vals.f_to_device(Device::Cpu)?)?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect();
+                let top = Vec::<i64>::try_from(top.f_to_device(Device::Cpu)?)?;
+                let label = label.unwrap_or(top[0]);
+                let label_lp = full.f_double_value(&[label])? as f32;
+                let head_len = head(&vals, &top, label, label_lp, sel.coverage)
+                    .0
+                    .len()
+                    .min(stored.len());
+                unseen_mass(&stored[head_len..], sel.tail_samples)
+            } else {
+                (shard.log_tail[p] as f64).exp()
+            };
             let idx = Tensor::f_from_slice(&kept)?.f_to_device(device)?;
             let exact =
                 Vec::<f64>::try_from(full.f_index_select(0, &idx)?.f_to_device(Device::Cpu)?)?;
