@@ -48,10 +48,12 @@ fi
 T="$DISTILL_CACHE/bench/teacher" S="$DISTILL_CACHE/bench/student"
 [ -e "$T/config.json" ] || "$B" convert "$DISTILL_DEMO_TEACHER" "$T" >&2
 [ -e "$S/config.json" ] || "$B" convert "$DISTILL_DEMO_TEACHER" "$S" --layers 0,1,2,3,24,25,26,27,28,29 >&2
-conf() { # name steps extra-sed
+conf() { # name steps [one more sed expression]
+  local extra=()
+  [ -n "${3:-}" ] && extra=(-e "$3")
   sed -e "s|^output = .*|output = \"$W/$1\"|" -e "s|^steps = .*|steps = $2|" \
     -e "s|^eval_every = .*|eval_every = $2|" -e "s|^checkpoint_every = .*|checkpoint_every = 0|" \
-    -e "s|^max_train_tokens = .*|max_train_tokens = 40000|" ${3:-} examples/demo.toml > "$W/$1.toml"
+    -e "s|^max_train_tokens = .*|max_train_tokens = 40000|" "${extra[@]}" examples/demo.toml > "$W/$1.toml"
 }
 
 # 2. CPU step = CUDA step
@@ -83,7 +85,7 @@ PY
 row "CUDA step = CPU step (f32, 1e-3)" "${same%% *}" "${same#* }"
 
 # 3. bf16 trains
-conf bf16 12 "-e s|^from_teacher = \(.*\)|from_teacher = \1\ndtype = \"bf16\"|"
+conf bf16 12 's|^from_teacher = \(.*\)|from_teacher = \1\ndtype = "bf16"|' 
 "$B" --device $DEV train "$W/bf16.toml" --overwrite >"$W/bf16.log" 2>&1
 bf=$("$PY" - "$W" <<'PY'
 import json, math, sys
@@ -111,15 +113,16 @@ except (OSError, ValueError) as e:
     sys.exit()
 peak = ours["matmul_peak_gflops"] * 1e9
 mfu = lambda r: 100 * ours["flops_per_token"] * r["tokens_per_s"] / peak
-print(f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x ours {ours['tokens_per_s']:.0f} tok/s (MFU {mfu(ours):.1f}%), chunk 1024 {ch['tokens_per_s']:.0f} tok/s (MFU {mfu(ch):.1f}%), PyTorch {ref['tokens_per_s']:.0f} tok/s (MFU {mfu(ref):.1f}%, peak GPU memory {ref.get('peak_gpu_mib', 0):.0f} MiB); batch {sys.argv[2]}, peak {peak / 1e12:.1f} TFLOP/s f32")
+gpu = f", peak GPU memory {ref['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in ref else ""
+print(f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x ours {ours['tokens_per_s']:.0f} tok/s (MFU {mfu(ours):.1f}%), chunk 1024 {ch['tokens_per_s']:.0f} tok/s (MFU {mfu(ch):.1f}%), PyTorch {ref['tokens_per_s']:.0f} tok/s (MFU {mfu(ref):.1f}%{gpu}); batch {sys.argv[2]}, peak {peak / 1e9:.0f} GFLOP/s f32")
 PY
 )
 row "bench step vs PyTorch (GPU)" "${st%% *}" "${st#* }"
 
 # 5. two processes on NCCL
 if [ "$gpus" -ge 2 ] && [ -z "${GPU_CHECK_DRY:-}" ]; then
-  conf one 4 "-e s|^micro_batch = .*|micro_batch = 4|"
-  conf two 4 "-e s|^micro_batch = .*|micro_batch = 2|"
+  conf one 4 's|^micro_batch = .*|micro_batch = 4|'
+  conf two 4 's|^micro_batch = .*|micro_batch = 2|' 
   "$B" --device cuda train "$W/one.toml" --overwrite >"$W/one.log" 2>&1
   "$B" --device cuda launch --nproc 2 "$W/two.toml" --overwrite >"$W/two.log" 2>&1
   nc=$("$PY" - "$W" <<'PY'
