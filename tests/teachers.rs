@@ -146,6 +146,13 @@ fn two_identical_teachers_train_exactly_as_one() {
     let one = s.run_file("one.toml", "one", 6, ONE, "");
     train_ok(&["train", one.to_str().unwrap()]);
     let base = records(&s.path("one/metrics.jsonl"));
+    let fp = |run: &str| -> Value {
+        let ck = s.path(run).join("checkpoints/step-00000004/state.json");
+        serde_json::from_str::<Value>(&std::fs::read_to_string(ck).unwrap()).unwrap()["fingerprint"]
+            .clone()
+    };
+    // one teacher: the fingerprint as before several teachers existed (older checkpoints resume)
+    assert!(fp("one").get("teachers").is_none(), "{}", fp("one"));
     for combine in ["probability", "log"] {
         let run = s.run_file(
             &format!("{combine}.toml"),
@@ -159,6 +166,10 @@ fn two_identical_teachers_train_exactly_as_one() {
             weights(&s.path(combine).join("student")) == weights(&s.path("one/student")),
             "{combine}: the student's weights differ from the one-teacher run"
         );
+        assert!(fp(combine)["teachers"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{combine}: teacher.0 = ")));
         let recs = records(&s.path(&format!("{combine}/metrics.jsonl")));
         let keep = |r: &&Value| r["kind"] == "train" || r["kind"] == "eval";
         let (a, b): (Vec<&Value>, Vec<&Value>) = (
@@ -431,6 +442,11 @@ fn a_per_source_run_logs_its_teachers() {
     let info: Value =
         serde_json::from_str(&std::fs::read_to_string(s.path("ps/run.json")).unwrap()).unwrap();
     assert_eq!(info["teachers"]["combine"], "per_source");
+    let md = std::fs::read_to_string(s.path("ps/report.md")).unwrap();
+    assert!(
+        md.contains("| teacher | weight | share") && md.contains("| b |"),
+        "{md}"
+    );
 }
 
 // uses the DISTILL_FAULT_* hooks: built with `--features fault-injection`
@@ -476,9 +492,11 @@ fn a_run_killed_with_several_teachers_resumes_bit_identically() {
             assert_eq!(p, q, "{kind}");
         }
     }
-    // the shares are logged and differ from the weights (different teachers)
+    // the shares are logged, and differ from the weights (different teachers)
     let r = train_record(&a, 14);
-    assert!(r["teacher_shares"].as_array().unwrap().len() == 2);
+    let sh = r["teacher_shares"].as_array().unwrap();
+    assert_eq!(sh.len(), 2);
+    assert!((sh[0].as_f64().unwrap() - 0.25).abs() > 1e-3, "{r}");
 }
 
 #[test]
