@@ -396,9 +396,17 @@ impl Teachers {
         Ok(())
     }
 
-    /// Every token id the data holds must lie below each teacher's width.
-    pub fn check_ids(&self, max_id: u32) -> Result<()> {
+    /// Every token id the data holds must lie below each teacher's width, and a sequence within
+    /// each teacher's context.
+    pub fn check_ids(&self, max_id: u32, seq_len: usize) -> Result<()> {
         for ((t, map), m) in self.others.iter().zip(self.config.members.iter().skip(1)) {
+            let context = t.model.config.max_position_embeddings;
+            if seq_len > context {
+                return Err(Error::Invalid(format!(
+                    "data.seq_len = {seq_len} exceeds teacher {}'s context of {context} positions",
+                    m.name
+                )));
+            }
             if max_id as usize >= map.width() {
                 return Err(Error::Invalid(format!(
                     "teacher {} ({}): token id {max_id} is outside the {} ids it shares with the student",

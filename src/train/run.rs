@@ -569,7 +569,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     }
     let mut objective = Objective::new(&cfg.losses, total)?;
     if let Some(t) = &teachers {
-        t.check_ids(max_id)?;
+        t.check_ids(max_id, cfg.data.seq_len)?;
         let hidden: Vec<String> = objective
             .hidden_terms()
             .iter()
