@@ -301,6 +301,23 @@ pub fn markdown(info: &Value, records: &[Value], dir: &Path) -> String {
             }
         }
     }
+    // several teachers: each one's weight, share of the signal and perplexity, before and after
+    if let Some(after) = last.and_then(|r| r["teachers"].as_array()) {
+        o += "\nTeachers (`[[teacher]]`; share: the mean over validation target positions of w_i p_i(y) / Σ_j w_j p_j(y)):\n\n\
+              | teacher | weight | share before → after | ppl |\n|---|---|---|---|\n";
+        let before = record(records, "eval", Some(0)).and_then(|r| r["teachers"].as_array());
+        for (i, a) in after.iter().enumerate() {
+            let b = before.and_then(|b| b.get(i)).unwrap_or(&Value::Null);
+            o += &format!(
+                "| {} | {} | {} → {} | {} |\n",
+                s(&a["name"]),
+                f(&a["weight"], 3),
+                f(&b["share"], 3),
+                f(&a["share"], 3),
+                f(&a["ppl"], 3)
+            );
+        }
+    }
     let ddk: Vec<&Value> = records
         .iter()
         .filter(|r| r.get("kind").and_then(Value::as_str) == Some("ddk"))

@@ -36,6 +36,7 @@ pub struct Args {
 pub fn run(args: Args, threads: Option<i64>, device: Option<&str>) -> Result<()> {
     let mut cfg = RunConfig::load(&args.run_file, &args.set)?;
     super::train::settle(&mut cfg, threads, device)?;
+    distill::teacher::ensemble::one_teacher_only(&cfg.teachers, "a store (distill capture)")?;
     // the flags over the run file's keys
     let budget = match (args.budget, &args.selection) {
         (None, None) => None,

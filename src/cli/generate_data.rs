@@ -25,6 +25,7 @@ pub fn run(
     })?;
     let device = cfg.run.device;
     distill::device::check_available(device)?;
+    distill::teacher::ensemble::one_teacher_only(&cfg.teachers, "distill generate-data")?;
     let path = cfg.teacher.model_path("distill generate-data")?;
     let mut teacher =
         model::load(path, device).with_context(|| format!("teacher: {}", path.display()))?;

@@ -2,6 +2,7 @@
 //! on-disk form (serde, unknown keys refused) and its validated runtime form (defaults filled in,
 //! enums instead of strings), with the checks of every range:
 //!   [teacher] → teacher::TeacherFile    [student] → student::StudentFile
+//!   [[teacher]], [teachers] → teacher::ensemble (several teachers)
 //!   [data]    → data::DataFile          [[loss]]  → objective::LossTerm (kinds from losses::registry)
 //!   [optim]   → train::optim::OptimFile [run]     → train::options::RunSection
 //!   [capture] → teacher::store::config::CaptureFile
@@ -19,7 +20,8 @@ use crate::data::{DataConfig, DataFile};
 use crate::generate::data::{GenerateData, GenerateDataFile};
 use crate::objective::LossTerm;
 use crate::student::{StudentConfig, StudentFile};
-use crate::teacher::config::{TeacherConfig, TeacherFile};
+use crate::teacher::config::TeacherConfig;
+use crate::teacher::ensemble::{TeacherSection, TeachersConfig, TeachersFile};
 use crate::teacher::store::config::{CaptureConfig, CaptureFile};
 use crate::train::onpolicy::{OnPolicy, OnPolicyFile};
 use crate::train::optim::{OptimConfig, OptimFile};
@@ -59,7 +61,10 @@ impl Paths<'_> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunFile {
-    pub teacher: TeacherFile,
+    /// `[teacher]`, or several `[[teacher]]` tables
+    pub teacher: TeacherSection,
+    /// `[teachers]`: how several teachers combine
+    pub teachers: Option<TeachersFile>,
     pub student: StudentFile,
     pub data: DataFile,
     /// each `[[loss]]` is read by the registry (its parameters are the kind's own)
@@ -78,7 +83,10 @@ pub struct RunFile {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
+    /// the teacher; with several `[[teacher]]`, the first
     pub teacher: TeacherConfig,
+    /// several teachers (`[[teacher]]`): all of them and how they combine
+    pub teachers: Option<TeachersConfig>,
     pub student: StudentConfig,
     pub data: DataConfig,
     pub losses: Vec<LossTerm>,
@@ -149,11 +157,20 @@ impl RunConfig {
 
     fn resolve(f: &RunFile, paths: &Paths) -> Checked<Self> {
         let losses = crate::objective::loss_terms(&f.loss)?;
-        let (teacher, student, data) = (
-            f.teacher.resolve(paths)?,
-            f.student.resolve(paths)?,
-            f.data.resolve(paths)?,
-        );
+        let (student, data) = (f.student.resolve(paths)?, f.data.resolve(paths)?);
+        let (teacher, teachers) =
+            crate::teacher::ensemble::resolve(&f.teacher, f.teachers.as_ref(), &data, paths)?;
+        if f.onpolicy.is_some()
+            && matches!(
+                teachers.as_ref().map(|t| &t.combine),
+                Some(crate::teacher::ensemble::Combine::PerSource(_))
+            )
+        {
+            return Err(issue(
+                "teachers.combine",
+                "\"per_source\" cannot go with [onpolicy]: the student's samples have no source",
+            ));
+        }
         let (optim, mut run) = (f.optim.resolve()?, f.run.resolve(paths)?);
         if f.onpolicy.is_some() {
             if teacher.path.is_none() {
@@ -211,6 +228,7 @@ impl RunConfig {
                 .transpose()?,
             paced: f.paced.as_ref().map(PacedFile::resolve).transpose()?,
             teacher,
+            teachers,
             student,
             data,
             losses,

@@ -34,15 +34,34 @@ pub struct SourceFile {
     pub validation: Option<PathBuf>,
     /// relative sampling weight (> 0); 1 when left out
     pub weight: Option<f64>,
+    /// the `[[teacher]]` name that teaches this source (`[teachers] combine = "per_source"`)
+    pub teacher: Option<String>,
 }
 
 /// A source with its paths resolved.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct SourceConfig {
     pub name: String,
     pub train: PathBuf,
     pub validation: Option<PathBuf>,
     pub weight: f64,
+    pub teacher: Option<String>,
+}
+
+/// As derived, with `teacher` only when given (a checkpoint's fingerprint prints the sources: older
+/// ones still match).
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("SourceConfig");
+        d.field("name", &self.name)
+            .field("train", &self.train)
+            .field("validation", &self.validation)
+            .field("weight", &self.weight);
+        if let Some(t) = &self.teacher {
+            d.field("teacher", t);
+        }
+        d.finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +205,7 @@ impl DataFile {
                 train: paths.resolve(&s.train),
                 validation: s.validation.as_deref().map(|p| paths.resolve(p)),
                 weight,
+                teacher: s.teacher.clone(),
             });
         }
         Ok(out)

@@ -7,6 +7,7 @@
 //! top-k with its tail mass and log-normaliser; the hidden states of chosen layers come with it.
 pub mod budget;
 pub mod config;
+pub mod ensemble;
 pub mod hybrid;
 pub mod live;
 pub mod store;

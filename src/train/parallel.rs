@@ -52,6 +52,9 @@ pub fn refuse_unsupported(cfg: &RunConfig, world: usize) -> Result<()> {
     if cfg.data.ddk.is_some() {
         no.push("[data.ddk]");
     }
+    if cfg.teachers.is_some() {
+        no.push("[[teacher]] (several teachers: their shares would be one rank's)");
+    }
     if cfg.teacher.write_back {
         no.push("[teacher] write_back (every rank would write to the store)");
     }

@@ -31,6 +31,7 @@ use crate::fingerprint;
 use crate::model::{self, hf, LoadedModel};
 use crate::objective::Objective;
 use crate::student::{self, StudentInit};
+use crate::teacher::ensemble::Teachers;
 use crate::teacher::store::header::{teacher_hash, template_hash, tokenizer_hash};
 use crate::teacher::{
     vocab, Hybrid, HybridState, Live, Store, StoreSignal, TeacherSignal, VocabMap, VocabReport,
@@ -107,6 +108,8 @@ struct Setup {
     pruning: Option<student::Pruning>,
     /// a run in stages: the plan and the calibration windows
     staged: Option<Staged>,
+    /// several teachers (`[[teacher]]`): those after the first (`teacher`), their maps, the shares
+    teachers: Option<Teachers>,
     /// the teacher's distribution in the student's ids, and what the check found
     vocab: VocabMap,
     vocab_report: VocabReport,
@@ -345,6 +348,7 @@ fn fingerprint_of(
             .as_ref()
             .map(|b| ("teacher.budget", b.describe())),
     )
+    .chain(cfg.teachers.as_ref().map(|t| ("teachers", t.describe())))
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
@@ -452,6 +456,11 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
             )?
         }
         (None, None) => unreachable!("the config asks for a teacher path or a store"),
+    };
+    // several teachers: the others loaded and checked like the first
+    let teachers = match &cfg.teachers {
+        Some(t) => Some(Teachers::load(t, &student, device)?),
+        None => None,
     };
     let context = teacher
         .as_ref()
@@ -579,6 +588,15 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         )));
     }
     let mut objective = Objective::new(&cfg.losses, total)?;
+    if let Some(t) = &teachers {
+        t.check_ids(max_id, cfg.data.seq_len)?;
+        let hidden: Vec<String> = objective
+            .hidden_terms()
+            .iter()
+            .map(|&i| cfg.losses[i].describe())
+            .collect();
+        t.check_objective(&hidden)?;
+    }
     if let Some(st) = &store {
         objective
             .check_sparse(st.header.selection.temperature)
@@ -868,6 +886,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         staged,
         vocab,
         vocab_report,
+        teachers,
         teacher_checksum,
         teacher,
         store,
@@ -992,6 +1011,10 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
         "fingerprint": s.state.fingerprint,
         "vocab": {"summary": s.vocab_report.summary(), "check": s.vocab_report},
         "pruning": s.pruning,
+        "teachers": s.teachers.as_ref().map(|t| json!({"combine": t.config.combine.name(),
+            "members": t.config.members.iter().map(|m| json!({"name": m.name,
+                "path": m.path.display().to_string(), "weight": m.weight, "dtype": m.dtype.name()})).collect::<Vec<_>>(),
+            "vocab": t.reports.iter().map(|r| r.summary()).collect::<Vec<_>>()})),
     })
 }
 
@@ -1067,16 +1090,21 @@ fn choose_budget(
     Ok((BudgetState::new(b, &chosen.chosen, &ds.train), rec))
 }
 
-/// The teacher signal of the run: the live teacher, the store, or both (a hybrid).
+/// The teacher signal of the run: the live teacher, the store, or both (a hybrid); several
+/// teachers combined (teacher/ensemble.rs).
 fn signal<'a>(
     teacher: &'a Option<LoadedModel>,
     store: &'a Option<Store>,
     hybrid: &'a RefCell<HybridState>,
     vocab: &'a VocabMap,
+    teachers: &'a Option<Teachers>,
 ) -> Box<dyn TeacherSignal + 'a> {
     let live = |t: &'a LoadedModel| Live::new(&t.model).with_vocab(vocab);
     match (teacher, store) {
-        (Some(t), None) => Box::new(live(t)),
+        (Some(t), None) => match teachers {
+            Some(e) => Box::new(e.signal(live(t))),
+            None => Box::new(live(t)),
+        },
         (None, Some(st)) => Box::new(StoreSignal::new(st, vocab)),
         (Some(t), Some(st)) => Box::new(Hybrid::new(st, live(t), hybrid, vocab)),
         (None, None) => unreachable!("the config asks for a teacher path or a store"),
@@ -1176,7 +1204,10 @@ fn open_store(
 /// The validation metrics; over several processes each rank measures its share and the sums are
 /// reduced (every rank gets the whole result).
 fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
-    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
+    if let Some(t) = &s.teachers {
+        t.shares.borrow_mut().take()?; // the validation set's shares only (read by eval_record)
+    }
+    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab, &s.teachers);
     if s.world.size == 1 {
         return distill_metrics(
             teacher.as_ref(),
@@ -1202,7 +1233,7 @@ fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
 
 /// Each source's validation metrics (`[[data.source]]`), in the sources' order.
 fn source_metrics(cfg: &RunConfig, s: &Setup) -> Result<Vec<DistillMetrics>> {
-    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
+    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab, &s.teachers);
     s.ds.sources
         .iter()
         .map(|src| {
@@ -1221,6 +1252,16 @@ fn source_metrics(cfg: &RunConfig, s: &Setup) -> Result<Vec<DistillMetrics>> {
 fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> Result<Value> {
     let mut rec = json!({"kind": "eval", "step": step, "student_ppl": m.student_ppl, "teacher_ppl": m.teacher_ppl,
            "kl": m.kl, "top1": m.top1, "tokens": m.tokens});
+    // several teachers: each one's share of the signal and its own perplexity
+    if let (Some(t), Some(first)) = (&s.teachers, &s.teacher) {
+        rec["teachers"] = crate::teacher::ensemble::eval_record(
+            t,
+            Live::new(&first.model).with_vocab(&s.vocab),
+            &s.student.model,
+            &s.ds.validation,
+            cfg.optim.micro_batch,
+        )?;
+    }
     // several sources: each one's validation data alone
     if !s.ds.sources.is_empty() {
         let mut per = serde_json::Map::new();
@@ -1246,7 +1287,7 @@ fn eval_record(cfg: &RunConfig, s: &Setup, step: usize, m: &DistillMetrics) -> R
         }
     }
     if let Some(o) = &cfg.onpolicy {
-        let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
+        let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab, &s.teachers);
         let (om, samples) = o.evaluate(
             teacher.as_ref(),
             &s.student.model,
@@ -1375,7 +1416,10 @@ fn steps(
         {
             step_opts.poison = faults.poison(step);
         }
-        let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab);
+        let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab, &s.teachers);
+        if let Some(t) = &s.teachers {
+            t.shares.borrow_mut().take()?; // this step's shares only
+        }
         let on_policy = cfg
             .onpolicy
             .as_ref()
@@ -1535,6 +1579,9 @@ fn steps(
             }
             if let Some(st) = &s.state.stages {
                 rec["stage"] = json!(st.stage);
+            }
+            if let Some(t) = &s.teachers {
+                rec["teacher_shares"] = json!(t.shares.borrow_mut().take()?);
             }
             if !source_rows.is_empty() {
                 rec["source_rows"] = json!(source_rows);
