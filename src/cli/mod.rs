@@ -10,6 +10,7 @@ mod eval;
 mod generate;
 mod generate_data;
 mod inspect;
+mod plan;
 mod prune;
 mod prune_width;
 mod rank_students;
@@ -87,6 +88,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Predict a run's peak memory and step time on this machine from a short probe, and the
+    /// chunk that fits [run] max_memory
+    Plan(plan::Args),
     /// Training data from the teacher: it answers a run file's [generate_data] prompts (sampled
     /// across a temperature schedule), and the answers the student is furthest from are kept
     /// (DASD), or it writes rationales for labelled examples (distilling step-by-step)
@@ -192,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => generate_data::run(&run_file, resume, overwrite, set, cli.threads, flag),
         Command::Demo { set, overwrite } => demo::run(set, overwrite, cli.threads, flag),
         Command::Capture(args) => capture::run(args, cli.threads, flag),
+        Command::Plan(args) => plan::run(args, cli.threads, flag),
         command => {
             set_threads(cli.threads, None)?;
             let device = device(flag)?;
@@ -214,7 +219,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 Command::Train { .. }
                 | Command::GenerateData { .. }
                 | Command::Demo { .. }
-                | Command::Capture(_) => {
+                | Command::Capture(_)
+                | Command::Plan(_) => {
                     unreachable!("dispatched above")
                 }
             }

@@ -197,6 +197,11 @@ impl AdamW {
         Ok(())
     }
 
+    /// The trained tensors, in the optimizer's order.
+    pub fn params(&self) -> Vec<&Tensor> {
+        self.params.iter().map(|(_, p)| p).collect()
+    }
+
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             p.zero_grad();
