@@ -2,17 +2,21 @@
 //! (`distill plan`, and `distill train` with `[run] max_memory`):
 //!
 //!   peak = max( set-up peak,  R + G + max(S(N, c), O, E(Nₑ), C) )
-//!     R       = resident memory after set-up (measured): libtorch, the teacher's and the student's
+//!     R       = resident memory after set-up, its freed pages handed back (measured): libtorch, the teacher's and the student's
 //!               weights, AdamW's m and v (allocated at set-up: 2·4·P bytes), the data
 //!     G       = 4·P          the f32 gradient of each of the P trainable parameters (counted)
 //!     S(N, c) = s₀ + s_tok·N + s_chunk·c   one micro-step's transient memory: the activations kept
 //!               for the backward ∝ N = micro_batch·seq_len positions, the (c, V) logits, teacher
 //!               distribution and their gradients ∝ c = the chunk (c = N unchunked); s₀, s_tok and
-//!               s_chunk fitted to three probe micro-steps (N₀, c₀), (2N₀, c₀), (2N₀, 2c₀)
+//!               s_chunk fitted to three probe micro-steps (N, c) = (T₀, T₀), (m·T₀, T₀),
+//!               (m·T₀, m·T₀) on m = micro_batch (≥ 2) rows of T₀ = min(seq_len, 128) positions:
+//!               at the run's own micro-batch, since a micro-step's peak is the larger of its
+//!               trunk's and its chunk loop's, and small probes (a small chunk hiding under the
+//!               trunk's peak) extrapolate too low; below c = T₀ the line is an extrapolation
 //!     O       = 2·4·max_p    AdamW's two temporaries (g², the denominator) for its largest
 //!               parameter (counted)
 //!     E(Nₑ)   = e₀ + e_tok·Nₑ  an evaluation batch (no graph, whole (Nₑ, V) tensors, Nₑ =
-//!               micro_batch·seq_len), fitted to two probe evaluations (N₀, 2N₀)
+//!               micro_batch·seq_len), fitted to two probe evaluations (T₀, m·T₀)
 //!     C       = 2·8·P        a checkpoint's optimizer.safetensors: every moment's bytes, then the
 //!               serialised file (counted; 2·4·P_all for the student folder at the end, whichever is
 //!               larger)
@@ -21,7 +25,10 @@
 //!
 //! The probes are micro-steps on a sequence of the run's data (the live teacher's signal, or a
 //! store's for a validation sequence) whose gradients are zeroed afterwards: no weight, optimizer
-//! moment or data position changes. Memory is the process's resident set (VmRSS, VmHWM, Linux);
+//! moment or data position changes. Each probe's memory is its resident high-water mark over a
+//! baseline from which the allocator's free pages were first handed back (glibc's `malloc_trim`),
+//! so that pages kept from earlier work do not hide what it touches. Memory is the process's
+//! resident set (VmRSS, VmHWM, Linux);
 //! on CUDA the device's memory is not predicted. The chunk chosen for a budget is the configured
 //! one when it fits, else the largest c (a multiple of 64 when ≥ 64) with predicted peak ≤ budget.
 use crate::bench::{peak_rss_mib, reset_peak_rss};
@@ -29,6 +36,7 @@ use crate::data::{Batch, Sequence, IGNORE_INDEX};
 use crate::eval::distill_metrics;
 use crate::model::Llama;
 use crate::objective::Objective;
+use crate::teacher::store::reader::release_freed_memory;
 use crate::teacher::TeacherSignal;
 use crate::train::optim::AdamW;
 use crate::train::step::{micro_step, StepOptions};
@@ -99,6 +107,17 @@ fn hwm_bytes() -> f64 {
     peak_rss_mib() * MIB
 }
 
+/// The resident memory `f` adds at its peak over a trimmed baseline (bytes), and its seconds.
+fn transient<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, f64)> {
+    release_freed_memory();
+    let base = rss_bytes();
+    reset_peak_rss();
+    let t = Instant::now();
+    f()?;
+    let sec = t.elapsed().as_secs_f64();
+    Ok(((hwm_bytes() - base).max(0.0), sec))
+}
+
 /// What the run's shape is, from the run file.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Shape {
@@ -151,9 +170,8 @@ pub struct Probe {
     pub setup_peak: f64,
     /// resident memory after set-up
     pub resident: f64,
-    /// the probe's positions N₀ and chunk c₀
+    /// the probe's positions T₀ (one row)
     pub n0: usize,
-    pub c0: usize,
     /// S(N, c) = s0 + s_tok·N + s_chunk·c
     pub s0: f64,
     pub s_tok: f64,
@@ -184,57 +202,63 @@ pub fn probe_sequence(seq: &Sequence, len: usize) -> Sequence {
     }
 }
 
-/// The probe: set-up's measured memory, three micro-steps and two evaluations on `seq` (one row,
-/// then two), AdamW's pass timed on scratch. Gradients are zeroed afterwards.
+/// The probe: set-up's measured memory, three micro-steps on `seq` (one row, then `rows` — the
+/// run's micro-batch, at least 2 — unchunked and chunked by one row) and two evaluations (one row,
+/// two), AdamW's pass timed on scratch. Gradients are zeroed afterwards.
 pub fn probe(
     student: &Llama,
     teacher: &dyn TeacherSignal,
     objective: &Objective,
     opt: &mut AdamW,
     seq: &Sequence,
+    rows: usize,
     trainable: u64,
 ) -> Result<Probe> {
     let setup_peak = hwm_bytes();
+    release_freed_memory(); // as `distill train` does after set-up
     let resident = rss_bytes();
     let device = student.device();
     let n = seq.ids.len();
-    let c0 = (n / 2).max(1);
     let seqs = std::slice::from_ref(seq);
     let step = |rows: &[usize], c: usize| -> Result<(f64, f64)> {
         let b = Batch::new(seqs, rows, device)?;
-        reset_peak_rss();
-        let t = Instant::now();
-        micro_step(
-            student,
-            Some(teacher),
-            objective,
-            &b,
-            &StepOptions::new(Some(c), 1.0),
-        )?;
-        let sec = t.elapsed().as_secs_f64();
-        Ok((hwm_bytes(), sec))
+        transient(|| {
+            micro_step(
+                student,
+                Some(teacher),
+                objective,
+                &b,
+                &StepOptions::new(Some(c), 1.0),
+            )
+        })
     };
     // a warm-up: the gradients are allocated, libtorch's first-call costs paid
-    step(&[0], c0)?;
-    let after_grads = rss_bytes();
-    let (ha, _) = step(&[0], c0)?;
-    let (hb, tb) = step(&[0, 0], c0)?;
-    let (hc, _) = step(&[0, 0], 2 * c0)?;
+    let m = rows.max(2);
+    let all = vec![0; m];
+    step(&[0], n)?;
+    let (ha, _) = step(&[0], n)?;
+    let (hb, _) = step(&all, n)?;
+    let (hc, tc) = step(&all, m * n)?;
     opt.zero_grad();
-    let s_tok = ((hb - ha) / n as f64).max(0.0);
-    let s_chunk = ((hc - hb) / c0 as f64).max(0.0);
-    let s0 = ha - after_grads - s_tok * n as f64 - s_chunk * c0 as f64;
+    tracing::debug!(
+        "plan probe: micro-step transients {:.1} / {:.1} / {:.1} MiB",
+        ha / MIB,
+        hb / MIB,
+        hc / MIB
+    );
+    let more = ((m - 1) * n) as f64;
+    let s_tok = ((hb - ha) / more).max(0.0);
+    let s_chunk = ((hc - hb) / more).max(0.0);
+    let s0 = ha - s_tok * n as f64 - s_chunk * n as f64;
     let eval = |rows: usize| -> Result<f64> {
         let many: Vec<Sequence> = (0..rows).map(|_| seq.clone()).collect();
-        reset_peak_rss();
-        distill_metrics(teacher, student, &many, rows)?;
-        Ok(hwm_bytes())
+        Ok(transient(|| distill_metrics(teacher, student, &many, rows))?.0)
     };
     eval(1)?;
     let ea = eval(1)?;
-    let eb = eval(2)?;
-    let e_tok = ((eb - ea) / n as f64).max(0.0);
-    let e0 = ea - after_grads - e_tok * n as f64;
+    let eb = eval(m)?;
+    let e_tok = ((eb - ea) / more).max(0.0);
+    let e0 = ea - e_tok * n as f64;
     // AdamW's passes (lerp, square + lerp, sqrt, three scalar ops, addcdiv ≈ 8 over P floats),
     // timed on a scratch tensor of at most 4M floats and scaled to P
     let k = trainable.clamp(1, 1 << 22) as i64;
@@ -259,13 +283,12 @@ pub fn probe(
         setup_peak,
         resident,
         n0: n,
-        c0,
         s0,
         s_tok,
         s_chunk,
         e0,
         e_tok,
-        t_tok: tb / (2 * n) as f64,
+        t_tok: tc / (m * n) as f64,
         t_opt,
     })
 }

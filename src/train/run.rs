@@ -136,6 +136,9 @@ fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
 pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
     let mut s = set_up(cfg, opts)?;
+    // set-up's freed pages (loading, dequantising) back to the system before the steps, as
+    // train/plan.rs assumes
+    crate::teacher::store::reader::release_freed_memory();
     if let Some(budget) = cfg.run.max_memory {
         fit_memory(cfg, &mut s, budget)?; // a run that does not fit is refused here
     }
@@ -903,6 +906,7 @@ fn measure(cfg: &RunConfig, s: &mut Setup) -> Result<(plan::Probe, plan::Counts,
         &s.objective,
         &mut s.opt,
         &seq,
+        cfg.optim.micro_batch,
         counts.trainable,
     )?;
     Ok((probe, counts, shape))
@@ -1583,6 +1587,8 @@ fn steps(
             for (name, values) in s.objective.log_values() {
                 rec[name] = json!(values);
             }
+            // the process's resident high-water mark so far (Linux; train/plan.rs predicts it)
+            rec["peak_rss_mib"] = json!(crate::bench::peak_rss_mib());
             if s.teacher.is_some() && s.store.is_some() {
                 rec["store_fraction"] = json!(s.hybrid.borrow().store_fraction());
             }
