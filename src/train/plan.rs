@@ -75,7 +75,7 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         }
     };
     let b = x * k;
-    if !(b.is_finite() && b >= 1.0 && b < 1e18) {
+    if !(1.0..1e18).contains(&b) {
         return Err(format!("'{s}' must be between 1 byte and 1e18 bytes"));
     }
     Ok(b as u64)
