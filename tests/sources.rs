@@ -430,7 +430,7 @@ fn a_run_killed_with_sources_and_ddk_resumes_bit_identically() {
     for kind in ["train", "ddk", "eval"] {
         let strip = |r: &&Value| {
             let mut r = (*r).clone();
-            for k in ["tokens_per_s", "seconds"] {
+            for k in ["tokens_per_s", "seconds", "peak_rss_mib"] {
                 r.as_object_mut().unwrap().remove(k);
             }
             r

@@ -11,6 +11,7 @@ mod generate;
 mod generate_data;
 mod inspect;
 mod launch;
+mod plan;
 mod prune;
 mod prune_width;
 mod rank_students;
@@ -91,6 +92,9 @@ enum Command {
     /// Start `distill train` in N local processes (data parallel over PyTorch's c10d, Gloo on the
     /// CPU), as torchrun would
     Launch(launch::Args),
+    /// Predict a run's peak memory and step time on this machine from a short probe, and the
+    /// chunk that fits [run] max_memory
+    Plan(plan::Args),
     /// Training data from the teacher: it answers a run file's [generate_data] prompts (sampled
     /// across a temperature schedule), and the answers the student is furthest from are kept
     /// (DASD), or it writes rationales for labelled examples (distilling step-by-step)
@@ -197,6 +201,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo { set, overwrite } => demo::run(set, overwrite, cli.threads, flag),
         Command::Launch(args) => launch::run(args, cli.threads, flag),
         Command::Capture(args) => capture::run(args, cli.threads, flag),
+        Command::Plan(args) => plan::run(args, cli.threads, flag),
         command => {
             set_threads(cli.threads, None)?;
             let device = device(flag)?;
@@ -220,7 +225,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 | Command::GenerateData { .. }
                 | Command::Demo { .. }
                 | Command::Launch(_)
-                | Command::Capture(_) => {
+                | Command::Capture(_)
+                | Command::Plan(_) => {
                     unreachable!("dispatched above")
                 }
             }

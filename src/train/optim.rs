@@ -197,6 +197,11 @@ impl AdamW {
         Ok(())
     }
 
+    /// The trained tensors, in the optimizer's order.
+    pub fn params(&self) -> Vec<&Tensor> {
+        self.params.iter().map(|(_, p)| p).collect()
+    }
+
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
             p.zero_grad();
@@ -267,11 +272,6 @@ impl AdamW {
             }
             Ok(())
         })
-    }
-
-    /// The trainable parameters, in the optimizer's (name) order (shallow: the same storage).
-    pub fn parameters(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
     }
 
     /// Moments by name ("m.<param>", "v.<param>") for the checkpoint.

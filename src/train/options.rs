@@ -19,6 +19,16 @@ pub struct RunSection {
     pub keep_last: Option<usize>,
     /// "cpu" (default), "cuda" or "cuda:N"
     pub device: Option<String>,
+    /// the resident memory a run may use, e.g. "8GiB" (train/plan.rs chooses the chunk to fit)
+    pub max_memory: Option<Size>,
+}
+
+/// A size as written: a number of bytes, or a string with units ("8GiB").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +49,8 @@ pub struct RunOptions {
     pub output: PathBuf,
     pub keep_last: usize,
     pub device: Device,
+    /// bytes; None = no limit
+    pub max_memory: Option<u64>,
 }
 
 /// Steps and epochs beyond this are refused (a run of 2^32 steps is a typo, and counts stay far from
@@ -76,6 +88,14 @@ impl RunSection {
             Some(d) => crate::device::parse_device(d).map_err(|m| issue("run.device", m))?,
             None => Device::Cpu,
         };
+        let max_memory = match &self.max_memory {
+            Some(Size::Bytes(0)) => return Err(issue("run.max_memory", "must be at least 1 byte")),
+            Some(Size::Bytes(b)) => Some(*b),
+            Some(Size::Text(m)) => {
+                Some(super::plan::parse_bytes(m).map_err(|e| issue("run.max_memory", e))?)
+            }
+            None => None,
+        };
         Ok(RunOptions {
             length,
             eval_every: self.eval_every.unwrap_or(0),
@@ -90,6 +110,7 @@ impl RunSection {
                 .unwrap_or_else(|| paths.base.join("distill-out")),
             keep_last: self.keep_last.unwrap_or(2).max(1),
             device,
+            max_memory,
         })
     }
 }

@@ -52,6 +52,9 @@ pub fn refuse_unsupported(cfg: &RunConfig, world: usize) -> Result<()> {
     if cfg.data.ddk.is_some() {
         no.push("[data.ddk]");
     }
+    if cfg.run.max_memory.is_some() {
+        no.push("[run] max_memory (the plan probes one process; `distill plan` with one process's micro_batch predicts a rank)");
+    }
     if cfg.teachers.is_some() {
         no.push("[[teacher]] (several teachers: their shares would be one rank's)");
     }
@@ -76,6 +79,11 @@ pub fn check_objective(objective: &crate::objective::Objective, world: usize) ->
         )));
     }
     Ok(())
+}
+
+/// The optimizer's parameters (the same storage).
+fn shallow(opt: &AdamW) -> Vec<tch::Tensor> {
+    opt.params().into_iter().map(|p| p.shallow_clone()).collect()
 }
 
 /// Every rank must start at the same step (a resume on a machine that cannot see the checkpoint
@@ -104,7 +112,7 @@ pub fn broadcast_start(world: &World, opt: &AdamW) -> Result<()> {
     let Some(pg) = &world.group else {
         return Ok(());
     };
-    data_parallel::broadcast_from_main(pg, &opt.parameters(), "the parameters")?;
+    data_parallel::broadcast_from_main(pg, &shallow(opt), "the parameters")?;
     let moments: Vec<tch::Tensor> = opt.state_tensors().into_iter().map(|(_, t)| t).collect();
     data_parallel::broadcast_from_main(pg, &moments, "the optimizer moments")
 }
@@ -161,7 +169,7 @@ pub fn reduce_step(
         });
     };
     let t = std::time::Instant::now();
-    data_parallel::all_reduce_gradients(pg, &opt.parameters())?;
+    data_parallel::all_reduce_gradients(pg, &shallow(opt))?;
     let seconds = t.elapsed().as_secs_f64();
     // a non-finite rank's loss is not summed (it skipped its value), its flag is
     let mut v = vec![

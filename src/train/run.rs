@@ -18,6 +18,7 @@ use super::options::Length;
 use super::output::{holds_run, RunOutput, Start};
 use super::paced::PacedRun;
 use super::parallel;
+use super::plan::{self, Plan};
 use super::stages::{self, StageState, Staged};
 use super::state::TrainState;
 use super::step::{micro_step, StepOptions};
@@ -125,6 +126,8 @@ struct Setup {
     budget_record: Option<Value>,
     /// this process among several (one by default; train/parallel.rs)
     world: World,
+    /// `[run] max_memory`: the prediction the run was checked against (train/plan.rs)
+    plan: Option<Plan>,
 }
 
 fn total_steps(cfg: &RunConfig, n_train: usize) -> usize {
@@ -152,6 +155,12 @@ pub fn train(cfg: &RunConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     parallel::agree_on_start(&world, s.state.step)?;
     parallel::broadcast_start(&world, &s.opt)?;
     s.world = world;
+    // set-up's freed pages (loading, dequantising) back to the system before the steps, as
+    // train/plan.rs assumes
+    crate::teacher::store::reader::release_freed_memory();
+    if let Some(budget) = cfg.run.max_memory {
+        fit_memory(cfg, &mut s, budget)?; // a run that does not fit is refused here
+    }
     let mut out = if s.world.is_main() {
         RunOutput::open(&cfg.run.output, s.start, Faults::from_env())?
     } else {
@@ -687,6 +696,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         paced: None,
         mixture: mixture.as_ref().map(Mixture::state),
         budget: None,
+        loss_chunk: None,
     };
     let mut adaptive = cfg
         .onpolicy
@@ -877,6 +887,7 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
     };
     Ok(Setup {
         world: World::single(),
+        plan: None,
         budget,
         budget_record,
         distillm: adaptive,
@@ -900,6 +911,105 @@ fn set_up(cfg: &RunConfig, opts: &TrainOptions) -> Result<Setup> {
         mixture,
         state,
         start,
+    })
+}
+
+/// The probe of train/plan.rs on the set-up run: a sequence of its data (a store's validation
+/// sequence when there is no live teacher), the live teacher's signal (a hybrid never writes back
+/// here), the gradients zeroed afterwards.
+fn measure(cfg: &RunConfig, s: &mut Setup) -> Result<(plan::Probe, plan::Counts, plan::Shape)> {
+    let counts = plan::Counts::of(&s.opt, &s.student.vs, s.teacher.as_ref().map(|t| &t.vs));
+    let shape = plan::Shape {
+        tokens: cfg.optim.micro_batch * cfg.data.seq_len,
+        grad_accum: cfg.optim.grad_accum,
+        loss_chunk: cfg.optim.loss_chunk,
+        chunkable: s.objective.chunkable(),
+        checkpoints: cfg.run.checkpoint_every > 0,
+    };
+    let (signal, seq): (Box<dyn TeacherSignal>, _) = match (&s.teacher, &s.store) {
+        (Some(t), _) => {
+            let first = s.ds.train.first().unwrap_or(&s.ds.validation[0]);
+            (
+                Box::new(Live::new(&t.model).with_vocab(&s.vocab)),
+                plan::probe_sequence(first, cfg.data.seq_len.min(PROBE_POSITIONS)),
+            )
+        }
+        (None, Some(st)) => (
+            Box::new(StoreSignal::new(st, &s.vocab)),
+            s.ds.validation[0].clone(),
+        ),
+        (None, None) => unreachable!("the config asks for a teacher path or a store"),
+    };
+    let probe = plan::probe(
+        &s.student.model,
+        signal.as_ref(),
+        &s.objective,
+        &mut s.opt,
+        &seq,
+        cfg.optim.micro_batch,
+        counts.trainable,
+    )?;
+    Ok((probe, counts, shape))
+}
+
+/// Positions of the probe's sequence (at most): long enough for the per-position terms to stand
+/// out of the allocator's noise, short enough to take seconds on a CPU.
+const PROBE_POSITIONS: usize = 128;
+
+/// `[run] max_memory`: the prediction, and the chunk that fits (a resume keeps its recorded one);
+/// a run that does not fit is refused before the output folder is touched.
+fn fit_memory(cfg: &RunConfig, s: &mut Setup, budget: u64) -> Result<()> {
+    let (probe, counts, shape) = measure(cfg, s)?;
+    let p = match s.state.loss_chunk {
+        Some(c) => {
+            let mut p = plan::predict(&probe, &counts, &shape, c);
+            p.max_memory = Some(budget);
+            if p.peak > budget as f64 {
+                return Err(Error::Invalid(format!(
+                    "run.max_memory = {}: the checkpoint's chunk of {c} positions is predicted to need {} ({}); nothing was changed",
+                    plan::show_bytes(budget as f64),
+                    plan::show_bytes(p.peak),
+                    p.peak_phase
+                )));
+            }
+            p
+        }
+        None => plan::fit(&probe, &counts, &shape, budget)?,
+    };
+    tracing::info!(
+        "max_memory {}: predicted peak {} ({}), chunk {}",
+        plan::show_bytes(budget as f64),
+        plan::show_bytes(p.peak),
+        p.peak_phase,
+        p.chunk
+    );
+    s.state.loss_chunk = Some(p.chunk);
+    s.plan = Some(p);
+    Ok(())
+}
+
+/// `distill plan`: set-up as `distill train` does it (nothing written), the probe, and the
+/// prediction at the configured chunk, or with `[run] max_memory` the chunk that fits (Err: the
+/// prediction at the configured chunk and why it does not fit).
+pub fn plan(cfg: &RunConfig) -> Result<std::result::Result<Plan, (Plan, Error)>> {
+    let opts = TrainOptions {
+        overwrite: true, // the output folder is only read, never written
+        ..TrainOptions::default()
+    };
+    let mut s = set_up(cfg, &opts)?;
+    let (probe, counts, shape) = measure(cfg, &mut s)?;
+    Ok(match cfg.run.max_memory {
+        Some(b) => plan::fit(&probe, &counts, &shape, b).map_err(|e| {
+            let mut p = plan::predict(&probe, &counts, &shape, plan::configured_chunk(&shape));
+            p.max_memory = Some(b);
+            (p, e)
+        }),
+        None => Ok(plan::predict(
+            &probe,
+            &counts,
+            &shape,
+            plan::configured_chunk(&shape),
+        )),
     })
 }
 
@@ -1015,6 +1125,7 @@ fn run_info(cfg: &RunConfig, opts: &TrainOptions, s: &Setup) -> Value {
             "members": t.config.members.iter().map(|m| json!({"name": m.name,
                 "path": m.path.display().to_string(), "weight": m.weight, "dtype": m.dtype.name()})).collect::<Vec<_>>(),
             "vocab": t.reports.iter().map(|r| r.summary()).collect::<Vec<_>>()})),
+        "plan": s.plan.as_ref().map(Plan::record),
     })
 }
 
@@ -1339,7 +1450,11 @@ fn steps(
     let faults = Faults::from_env();
     let device = cfg.run.device;
     let bar = (opts.progress && s.world.is_main()).then(|| progress_bar(total, s.state.step));
-    let chunk = (cfg.optim.loss_chunk > 0).then_some(cfg.optim.loss_chunk);
+    // the chunk `[run] max_memory` chose (recorded, so a resume keeps it), else the configured one
+    let chunk = s
+        .state
+        .loss_chunk
+        .or((cfg.optim.loss_chunk > 0).then_some(cfg.optim.loss_chunk));
     let mut last_eval = None;
     while s.state.step < total {
         let step = s.state.step + 1;
@@ -1564,6 +1679,8 @@ fn steps(
             for (name, values) in s.objective.log_values() {
                 rec[name] = json!(values);
             }
+            // the process's resident high-water mark so far (Linux; train/plan.rs predicts it)
+            rec["peak_rss_mib"] = json!(crate::bench::peak_rss_mib());
             if s.teacher.is_some() && s.store.is_some() {
                 rec["store_fraction"] = json!(s.hybrid.borrow().store_fraction());
             }

@@ -39,4 +39,7 @@ pub struct TrainState {
     /// (teacher/budget.rs)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<crate::teacher::budget::BudgetState>,
+    /// `[run] max_memory`: the chunk the prediction chose (train/plan.rs); a resume keeps it
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_chunk: Option<usize>,
 }
