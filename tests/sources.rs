@@ -404,10 +404,54 @@ fn per_source_metrics_add_up_to_the_whole() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_run_killed_with_sources_and_ddk_resumes_bit_identically() {
+    killed_and_resumed("");
+}
+
+/// With a teacher-query budget too (its unselected rows trained with cross-entropy): the chosen
+/// set spans the sources, and the teacher is asked for the chosen rows only.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_budgeted_run_with_sources_and_ddk_resumes_bit_identically() {
+    let recs = killed_and_resumed("budget = 0.5\nselection = \"uncertainty\"\n");
+    let budget = of_kind(&recs, "budget");
+    assert_eq!(budget.len(), 1, "one selection record");
+    let mut asked = 0;
+    for r in of_kind(&recs, "train") {
+        let rows: u64 = r["source_rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .sum();
+        let t = r["teacher_rows"].as_u64().unwrap();
+        assert!(t <= rows, "{r}");
+        asked += t;
+        assert_eq!(r["teacher_rows_total"].as_u64().unwrap(), asked);
+    }
+    assert!(
+        asked > 0 && asked < 16 * 8,
+        "the teacher was asked for some rows only: {asked}"
+    );
+}
+
+/// A run with two sources and DDK (and `teacher` keys added to `[teacher]`), killed mid-way and
+/// resumed, equals the uninterrupted run: weights and every record. Returns the records.
+#[cfg(feature = "fault-injection")]
+fn killed_and_resumed(teacher: &str) -> Vec<Value> {
     let s = Setup::new();
-    let full = s.run_file("full.toml", "full", 16, DDK);
+    let with = |p: PathBuf| {
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = text.replacen(
+            "path = \"teacher\"\n",
+            &format!("path = \"teacher\"\n{teacher}"),
+            1,
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let full = with(s.run_file("full.toml", "full", 16, DDK));
     train_ok(&["train", full.to_str().unwrap()]);
-    let run = s.run_file("killed.toml", "killed", 16, DDK);
+    let run = with(s.run_file("killed.toml", "killed", 16, DDK));
     let metrics = s.path("killed/metrics.jsonl");
     let mut child = spawn_train(&run, &[("DISTILL_FAULT_STEP_DELAY_MS", "60")]);
     let t = Instant::now();
@@ -443,6 +487,7 @@ fn a_run_killed_with_sources_and_ddk_resumes_bit_identically() {
         }
     }
     assert_eq!(of_kind(&a, "ddk").len(), 6); // before steps 1, 4, 7, 10, 13, 16
+    a
 }
 
 #[test]

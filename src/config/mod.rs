@@ -194,10 +194,14 @@ impl RunConfig {
                 "cannot go with [onpolicy] mode = \"distillm\": a replayed sample has no problem to weigh it by",
             ));
         }
-        if teacher.budget.is_some() && !data.sources.is_empty() {
+        if teacher
+            .budget
+            .is_some_and(|b| b.unselected == crate::teacher::budget::Unselected::Skip)
+            && !data.sources.is_empty()
+        {
             return Err(issue(
-                "teacher.budget",
-                "cannot go with [[data.source]] yet (the chosen set is of one source's sequences)",
+                "teacher.unselected",
+                "\"skip\" cannot go with [[data.source]] yet (the sources draw from all their sequences; \"cross_entropy\" can)",
             ));
         }
         if teacher.budget.is_some() && (f.onpolicy.is_some() || f.paced.is_some()) {

@@ -83,7 +83,10 @@ pub fn check_objective(objective: &crate::objective::Objective, world: usize) ->
 
 /// The optimizer's parameters (the same storage).
 fn shallow(opt: &AdamW) -> Vec<tch::Tensor> {
-    opt.params().into_iter().map(|p| p.shallow_clone()).collect()
+    opt.params()
+        .into_iter()
+        .map(|p| p.shallow_clone())
+        .collect()
 }
 
 /// Every rank must start at the same step (a resume on a machine that cannot see the checkpoint
