@@ -88,8 +88,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Start `distill train` in N local processes (data parallel over PyTorch's c10d, Gloo on the
-    /// CPU), as torchrun would
+    /// Start `distill train` (data parallel over PyTorch's c10d, Gloo on the CPU) or `distill
+    /// capture` (`launch --nproc N capture RUN.toml …`) in N local processes, as torchrun would
     Launch(launch::Args),
     /// Training data from the teacher: it answers a run file's [generate_data] prompts (sampled
     /// across a temperature schedule), and the answers the student is furthest from are kept
