@@ -37,9 +37,13 @@ pub struct Args {
     command: Vec<OsString>,
 }
 
-/// What follows `launch`'s own options when it is training (as `distill train` reads it).
+// What follows `launch`'s own options when it is training (as `distill train` reads it).
 #[derive(Parser)]
-#[command(name = "distill launch --nproc N", no_binary_name = true)]
+#[command(
+    name = "distill launch --nproc N",
+    no_binary_name = true,
+    about = "Train in N local processes (data parallel)"
+)]
 struct TrainArgs {
     run_file: PathBuf,
     /// Continue from the newest checkpoint in the output folder
@@ -53,9 +57,13 @@ struct TrainArgs {
     set: Vec<String>,
 }
 
-/// … when it is capturing (as `distill capture` reads it).
+// … when it is capturing (as `distill capture` reads it).
 #[derive(Parser)]
-#[command(name = "distill launch --nproc N capture", no_binary_name = true)]
+#[command(
+    name = "distill launch --nproc N capture",
+    no_binary_name = true,
+    about = "Capture a teacher store in N local processes (each its share of the batches)"
+)]
 struct CaptureArgs {
     #[command(flatten)]
     args: super::capture::Args,

@@ -278,6 +278,8 @@ impl StoreWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
+        // n: the hook's number (the shard's, or this rank's shard's)
+        #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
         let (n, file) = match &self.part {
             None => {
                 let n = self.header.shards.len();
