@@ -7,6 +7,7 @@
 //!   - a rank killed mid-capture makes the other stop with one clear error within the timeout, and
 //!     the capture run again (2 processes, or 1) holds every sequence exactly once, equal to the
 //!     one-process capture's;
+//!   - `torchrun --no-python distill capture` makes the same store;
 //!   - what a capture over several processes refuses, and launch's check of capture's options.
 #![cfg_attr(not(feature = "fault-injection"), allow(dead_code, unused_imports))]
 mod common;
@@ -237,6 +238,38 @@ fn two_processes_capture_what_one_does() {
         weights(&d.join("out-from-one/student")) == weights(&d.join("out-from-two/student")),
         "the runs from the two stores differ"
     );
+}
+
+#[test]
+fn torchrun_starts_the_same_capture() {
+    let torchrun = python().parent().unwrap().join("torchrun");
+    assert!(
+        torchrun.exists(),
+        "{} (the test command's set-up installs torch)",
+        torchrun.display()
+    );
+    let env = env();
+    let d = env.path();
+    let one = run_file(d, "one", "path = \"teacher\"\nstore = \"one\"");
+    let two = run_file(d, "two", "path = \"teacher\"\nstore = \"two\"");
+    ok(&distill(&["--threads", "1", "capture", &one]), "capture");
+    let out = Command::new(&torchrun)
+        .args(["--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .args([
+            "--no-python",
+            env!("CARGO_BIN_EXE_distill"),
+            "--threads",
+            "1",
+            "capture",
+            &two,
+        ])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    ok(&out, "torchrun capture");
+    assert!(records(&d.join("one")) == records(&d.join("two")));
+    check_files(&d.join("two"));
 }
 
 #[test]
