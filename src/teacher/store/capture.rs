@@ -8,7 +8,8 @@
 //! last shard ended; `append` adds other data to an existing store. With a teacher-query budget
 //! (`--budget`, teacher/budget.rs) only the chosen training sequences are captured (after the
 //! validation ones), and the set goes into the store's `budget.json`, which a run with the same
-//! budget and rule then uses as its set.
+//! budget and rule then uses as its set. Over several processes (torchrun's variables), each rank
+//! runs its share of the same batches into shards of the same store (parallel.rs).
 use super::config::CaptureConfig;
 use super::header::{teacher_hash, template_hash, tokenizer_hash, Capture, Header, Identity};
 use super::parallel;
@@ -288,11 +289,12 @@ pub fn capture_on(
         parallel::agree(world, opened, "opening the store")?;
         StoreWriter::part(&dir, world.rank, capture.shard_sequences)?
     };
-    if !world.is_main() {
-    } else if opts.progress {
-        eprintln!("{summary}");
-    } else {
-        tracing::info!("{summary}");
+    if world.is_main() {
+        if opts.progress {
+            eprintln!("{summary}");
+        } else {
+            tracing::info!("{summary}");
+        }
     }
     // what is left, each distinct sequence once
     let mut todo: Vec<&Sequence> = Vec::new();
@@ -392,7 +394,8 @@ pub fn capture_on(
         )?;
         header = Header::read(&dir)?;
     }
-    if let (Some(st), true) = (&budget_state, world.is_main()) {
+    if let Some(st) = &budget_state {
+        // (one process: a budget is refused with several)
         crate::teacher::budget::write_store_file(&dir, st)?;
     }
     if let Some(b) = bar {
