@@ -1,13 +1,15 @@
 //! `distill capture RUN.toml [--out DIR] [--append] [--steps N] [--set k=v …]`: the teacher's
-//! distribution over the run's data, written once as a teacher store.
+//! distribution over the run's data, written once as a teacher store. Under torchrun's variables
+//! (or `distill launch --nproc N capture …`) each process captures its share into shards of the
+//! same store (teacher/store/parallel.rs); rank 0 prints the summary.
 use anyhow::Result;
 use distill::config::RunConfig;
-use distill::teacher::store::{capture, CaptureOptions};
+use distill::teacher::store::{capture_on, parallel, CaptureOptions};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct Args {
-    run_file: PathBuf,
+    pub(super) run_file: PathBuf,
     /// Where to write the store (default: the run file's teacher.store)
     #[arg(long)]
     out: Option<PathBuf>,
@@ -57,7 +59,11 @@ pub fn run(args: Args, threads: Option<i64>, device: Option<&str>) -> Result<()>
         progress: true,
         compare_forward: args.compare_forward,
     };
-    let s = capture(&cfg, &cfg.capture, &opts)?;
+    let world = parallel::join(&mut cfg, &opts)?;
+    let s = capture_on(&world, &cfg, &cfg.capture, &opts)?;
+    if !world.is_main() {
+        return Ok(());
+    }
     let h = &s.header;
     println!(
         "captured {} sequences ({} positions) in {:.1} s ({:.1} s capturing): {:.1} tokens/s{}",

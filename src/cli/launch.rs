@@ -1,10 +1,15 @@
 //! `distill launch --nproc N RUN.toml [--resume | --overwrite] [--set k=v …]`: N local processes of
-//! `distill train`, each given the variables torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
+//! `distill train`; `distill launch --nproc N capture RUN.toml [capture's options]`: N of
+//! `distill capture` (`train RUN.toml …` names train explicitly). What follows the run file goes to
+//! every process as it is, once checked here as that command would. Each process is given the
+//! variables torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
 //! MASTER_ADDR = 127.0.0.1, MASTER_PORT = a free port unless --port, DISTILL_DIST_TIMEOUT), and
 //! its share of the cores as threads (unless --threads). It waits for all of them; when one fails,
 //! the others stop on their own within the timeout (their next collective fails), and any still
 //! running after it are killed. The exit status is the first failing rank's.
 use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -20,6 +25,26 @@ pub struct Args {
     /// Seconds a rendezvous or collective may wait before the ranks give up
     #[arg(long, default_value_t = distill::dist::world::DEFAULT_TIMEOUT_S)]
     timeout: f64,
+    /// What every process runs: `RUN.toml [--resume | --overwrite] [--set K=V …]` (train), or
+    /// `capture RUN.toml [capture's options]`
+    #[arg(
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "[capture] RUN.toml [OPTIONS]"
+    )]
+    command: Vec<OsString>,
+}
+
+// What follows `launch`'s own options when it is training (as `distill train` reads it).
+#[derive(Parser)]
+#[command(
+    name = "distill launch --nproc N",
+    no_binary_name = true,
+    about = "Train in N local processes (data parallel)"
+)]
+struct TrainArgs {
     run_file: PathBuf,
     /// Continue from the newest checkpoint in the output folder
     #[arg(long)]
@@ -27,9 +52,66 @@ pub struct Args {
     /// Replace a previous run in the output folder
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// Override a key of the run file (repeatable), passed to every process
+    /// Override a key of the run file (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+// … when it is capturing (as `distill capture` reads it).
+#[derive(Parser)]
+#[command(
+    name = "distill launch --nproc N capture",
+    no_binary_name = true,
+    about = "Capture a teacher store in N local processes (each its share of the batches)"
+)]
+struct CaptureArgs {
+    #[command(flatten)]
+    args: super::capture::Args,
+}
+
+/// The command every process runs: its name, its arguments (checked), and the advice after a
+/// failure.
+fn command(
+    words: &[OsString],
+    nproc: usize,
+) -> Result<Option<(&'static str, &[OsString], String)>> {
+    let (name, rest) = match words.first().and_then(|w| w.to_str()) {
+        Some("capture") => ("capture", &words[1..]),
+        Some("train") => ("train", &words[1..]),
+        _ => ("train", words),
+    };
+    let checked = if name == "capture" {
+        CaptureArgs::try_parse_from(rest).map(|c| {
+            format!(
+                "run it again (with any number of processes) to capture what is missing: `distill launch --nproc {nproc} capture {} …`",
+                c.args.run_file.display()
+            )
+        })
+    } else {
+        TrainArgs::try_parse_from(rest).map(|t| {
+            let _ = (t.resume, t.overwrite, t.set);
+            format!(
+                "resume with `distill launch --nproc {nproc} {} --resume`",
+                t.run_file.display()
+            )
+        })
+    };
+    match checked {
+        Ok(advice) => Ok(Some((name, rest, advice))),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return Ok(None);
+            }
+            let text = e.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            bail!(
+                "launch … {name}: {}",
+                first.trim().trim_start_matches("error: ")
+            )
+        }
+    }
 }
 
 fn free_port() -> Result<u16> {
@@ -44,6 +126,9 @@ pub fn run(a: Args, threads: Option<i64>, device: Option<&str>) -> Result<()> {
     if !(a.timeout > 0.0 && a.timeout <= 86_400.0) {
         bail!("--timeout: seconds in (0, 86400], got {}", a.timeout);
     }
+    let Some((name, rest, advice)) = command(&a.command, a.nproc)? else {
+        return Ok(()); // help was asked for
+    };
     let exe = std::env::current_exe().context("finding the distill executable")?;
     let port = match a.port {
         Some(p) => p,
@@ -58,16 +143,7 @@ pub fn run(a: Args, threads: Option<i64>, device: Option<&str>) -> Result<()> {
         if let Some(d) = device {
             c.arg("--device").arg(d);
         }
-        c.arg("train").arg(&a.run_file);
-        if a.resume {
-            c.arg("--resume");
-        }
-        if a.overwrite {
-            c.arg("--overwrite");
-        }
-        for s in &a.set {
-            c.arg("--set").arg(s);
-        }
+        c.arg(name).args(rest);
         c.env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", a.nproc.to_string())
@@ -119,7 +195,7 @@ pub fn run(a: Args, threads: Option<i64>, device: Option<&str>) -> Result<()> {
     match first_failure {
         None => Ok(()),
         Some((rank, s)) => {
-            bail!("rank {rank} of {} failed ({s}); resume with `distill launch --nproc {} {} --resume`", a.nproc, a.nproc, a.run_file.display())
+            bail!("rank {rank} of {} failed ({s}); {advice}", a.nproc)
         }
     }
 }

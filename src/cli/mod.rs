@@ -89,8 +89,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Start `distill train` in N local processes (data parallel over PyTorch's c10d, Gloo on the
-    /// CPU), as torchrun would
+    /// Start `distill train` (data parallel over PyTorch's c10d, Gloo on the CPU) or `distill
+    /// capture` (`launch --nproc N capture RUN.toml …`) in N local processes, as torchrun would
     Launch(launch::Args),
     /// Predict a run's peak memory and step time on this machine from a short probe, and the
     /// chunk that fits [run] max_memory

@@ -39,6 +39,9 @@ extern "C" {
     fn distill_c10d_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
 }
 
+/// What a failed collective's message ends with (a command other than training replaces it).
+pub const GONE_HINT: &str = "another rank has stopped or cannot be reached (resume the run from its last checkpoint with --resume)";
+
 /// Whether this build can make NCCL process groups (libtorch with CUDA, headers found at build).
 pub fn has_nccl() -> bool {
     // SAFETY: a constant of the shim
@@ -151,10 +154,7 @@ impl ProcessGroup {
         Err(Error::Distributed {
             rank: self.rank,
             op: op.into(),
-            msg: format!(
-                "{}; another rank has stopped or cannot be reached (resume the run from its last checkpoint with --resume)",
-                take_message(err)
-            ),
+            msg: format!("{}; {GONE_HINT}", take_message(err)),
         })
     }
 

@@ -27,7 +27,7 @@ pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// Rank `rank`'s contiguous share of a global micro-batch's rows.
 pub fn share(rows: &[usize], rank: usize, world: usize) -> Result<&[usize]> {
-    if world == 0 || rows.len() % world != 0 || rank >= world {
+    if world == 0 || !rows.len().is_multiple_of(world) || rank >= world {
         return Err(Error::Invalid(format!(
             "a global micro-batch of {} rows does not split evenly over {world} processes",
             rows.len()

@@ -8,14 +8,17 @@
 //! last shard ended; `append` adds other data to an existing store. With a teacher-query budget
 //! (`--budget`, teacher/budget.rs) only the chosen training sequences are captured (after the
 //! validation ones), and the set goes into the store's `budget.json`, which a run with the same
-//! budget and rule then uses as its set.
+//! budget and rule then uses as its set. Over several processes (torchrun's variables), each rank
+//! runs its share of the same batches into shards of the same store (parallel.rs).
 use super::config::CaptureConfig;
 use super::header::{teacher_hash, template_hash, tokenizer_hash, Capture, Header, Identity};
+use super::parallel;
 use super::select::select_rows;
 use super::shard::SeqRecord;
-use super::writer::{Mode, StoreWriter};
+use super::writer::{merge_parts, Mode, StoreWriter};
 use crate::config::RunConfig;
 use crate::data::{self, Batch, Sampler, Sequence, IGNORE_INDEX};
+use crate::dist::World;
 use crate::fingerprint::Fnv64;
 use crate::model::{self, LoadedModel};
 use crate::teacher::vocab::{self, VocabReport};
@@ -174,7 +177,18 @@ pub fn check_vocabulary(cfg: &RunConfig, teacher: &LoadedModel) -> Result<VocabR
     Ok(report)
 }
 
+/// A capture in this process alone.
 pub fn capture(
+    cfg: &RunConfig,
+    capture: &CaptureConfig,
+    opts: &CaptureOptions,
+) -> Result<CaptureSummary> {
+    capture_on(&World::single(), cfg, capture, opts)
+}
+
+/// A capture as one rank of `world` (one process: `World::single()`; several: parallel.rs).
+pub fn capture_on(
+    world: &World,
     cfg: &RunConfig,
     capture: &CaptureConfig,
     opts: &CaptureOptions,
@@ -240,31 +254,47 @@ pub fn capture(
         tok,
         cfg,
     )?;
-    let mut writer = StoreWriter::open(
-        &dir,
-        identity,
-        (
-            teacher.source.display().to_string(),
-            cfg.teacher.dtype.name().to_string(),
-        ),
-        teacher.model.config.vocab_size,
-        capture.selection,
-        Capture {
-            fingerprint: data_fingerprint(&keys),
-            sequences: keys.len(),
-            appended: false,
-        },
-        if opts.append {
-            Mode::Append
-        } else {
-            Mode::Capture
-        },
-        capture.shard_sequences,
-    )?;
-    if opts.progress {
-        eprintln!("{summary}");
+    let open = || {
+        StoreWriter::open(
+            &dir,
+            identity,
+            (
+                teacher.source.display().to_string(),
+                cfg.teacher.dtype.name().to_string(),
+            ),
+            teacher.model.config.vocab_size,
+            capture.selection,
+            Capture {
+                fingerprint: data_fingerprint(&keys),
+                sequences: keys.len(),
+                appended: false,
+            },
+            if opts.append {
+                Mode::Append
+            } else {
+                Mode::Capture
+            },
+            capture.shard_sequences,
+        )
+    };
+    // several processes: rank 0 opens the store, then every rank writes its own shards
+    let mut writer = if world.size == 1 {
+        open()?
     } else {
-        tracing::info!("{summary}");
+        let opened = if world.is_main() {
+            open().map(|_| ())
+        } else {
+            Ok(())
+        };
+        parallel::agree(world, opened, "opening the store")?;
+        StoreWriter::part(&dir, world.rank, capture.shard_sequences)?
+    };
+    if world.is_main() {
+        if opts.progress {
+            eprintln!("{summary}");
+        } else {
+            tracing::info!("{summary}");
+        }
     }
     // what is left, each distinct sequence once
     let mut todo: Vec<&Sequence> = Vec::new();
@@ -282,8 +312,14 @@ pub fn capture(
     }
     // the bar counts the tokens the teacher runs over (as the closing line's tokens/s does); the
     // target positions are fewer (a sequence's last token and masked prompts have none)
-    let total_tokens: usize = todo.iter().map(|s| s.ids.len()).sum();
-    let bar = opts.progress.then(|| {
+    let batch_rows = cfg.optim.micro_batch.max(1);
+    let total_tokens: usize = todo
+        .chunks(batch_rows)
+        .enumerate()
+        .filter(|(b, _)| parallel::runs_batch(world, *b))
+        .flat_map(|(_, rows)| rows.iter().map(|s| s.ids.len()))
+        .sum();
+    let bar = (opts.progress && world.is_main()).then(|| {
         let b = indicatif::ProgressBar::new(total_tokens as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -295,8 +331,7 @@ pub fn capture(
         b
     });
     let live = Live::new(&teacher.model);
-    let batch_rows = cfg.optim.micro_batch.max(1);
-    let (mut positions, mut tokens) = (0usize, 0usize);
+    let (mut captured, mut positions, mut tokens) = (0usize, 0usize, 0usize);
     let owned: Vec<Sequence> = todo.iter().map(|s| (*s).clone()).collect();
     let idx: Vec<usize> = (0..owned.len()).collect();
     if opts.compare_forward && !idx.is_empty() {
@@ -305,38 +340,64 @@ pub fn capture(
         let _ = tch::no_grad(|| teacher.model.forward(&batch.ids))?;
     }
     let loop_start = Instant::now();
-    for rows in idx.chunks(batch_rows) {
-        let batch = Batch::new(&owned, rows, cfg.run.device)?;
-        let labels: Vec<Vec<i64>> = rows.iter().map(|&r| owned[r].labels.clone()).collect();
-        let kept = tch::no_grad(|| -> Result<_> {
-            let sig = live.prepare(&batch, &[])?;
-            let dense = sig.positions(0, sig.len())?;
-            let keys: Vec<u64> = rows.iter().map(|&r| owned[r].key()).collect();
-            select_rows(dense.dense()?, &labels, &keys, &capture.selection, false)
-        })?;
-        for (&r, kept) in rows.iter().zip(kept) {
-            let s = &owned[r];
-            let at = targets(s);
-            positions += at.len();
-            tokens += s.ids.len();
-            writer.add(SeqRecord {
-                key: s.key(),
-                tokens: s.ids.clone(),
-                at,
-                kept,
+    let run = || -> Result<Header> {
+        // the batches one process would run; with several, each rank its share of them
+        for (b, rows) in idx.chunks(batch_rows).enumerate() {
+            if !parallel::runs_batch(world, b) {
+                continue;
+            }
+            let batch = Batch::new(&owned, rows, cfg.run.device)?;
+            let labels: Vec<Vec<i64>> = rows.iter().map(|&r| owned[r].labels.clone()).collect();
+            let kept = tch::no_grad(|| -> Result<_> {
+                let sig = live.prepare(&batch, &[])?;
+                let dense = sig.positions(0, sig.len())?;
+                let keys: Vec<u64> = rows.iter().map(|&r| owned[r].key()).collect();
+                select_rows(dense.dense()?, &labels, &keys, &capture.selection, false)
             })?;
+            for (&r, kept) in rows.iter().zip(kept) {
+                let s = &owned[r];
+                let at = targets(s);
+                captured += 1;
+                positions += at.len();
+                tokens += s.ids.len();
+                writer.add(SeqRecord {
+                    key: s.key(),
+                    tokens: s.ids.clone(),
+                    at,
+                    kept,
+                })?;
+            }
+            if let Some(b) = &bar {
+                b.set_position(tokens as u64);
+                let rate = tokens as f64 / loop_start.elapsed().as_secs_f64().max(1e-9);
+                b.set_message(format!("{rate:.1} tokens/s"));
+            }
         }
-        if let Some(b) = &bar {
-            b.set_position(tokens as u64);
-            let rate = tokens as f64 / loop_start.elapsed().as_secs_f64().max(1e-9);
-            b.set_message(format!("{rate:.1} tokens/s"));
-        }
+        writer.finish()
+    };
+    let mut header = parallel::agree(world, run(), "capturing")?;
+    let loop_seconds = loop_start.elapsed().as_secs_f64();
+    let (counts, loop_seconds) =
+        parallel::reduce_counts(world, &[captured, positions, tokens], loop_seconds)?;
+    let (captured, positions, tokens) = (counts[0], counts[1], counts[2]);
+    if world.size > 1 {
+        // every rank's shards are written: rank 0 enters them in the header
+        let merged = if world.is_main() {
+            merge_parts(&dir).map(|_| ())
+        } else {
+            Ok(())
+        };
+        parallel::agree(
+            world,
+            merged,
+            "merging the ranks' part files into store.json",
+        )?;
+        header = Header::read(&dir)?;
     }
-    let header = writer.finish()?;
     if let Some(st) = &budget_state {
+        // (one process: a budget is refused with several)
         crate::teacher::budget::write_store_file(&dir, st)?;
     }
-    let loop_seconds = loop_start.elapsed().as_secs_f64();
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -353,7 +414,7 @@ pub fn capture(
     };
     Ok(CaptureSummary {
         dir,
-        captured: owned.len(),
+        captured,
         already,
         positions,
         tokens,

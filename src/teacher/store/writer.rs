@@ -3,6 +3,14 @@
 //! A kill at any point leaves a store whose header lists complete shards only: a shard file not in
 //! the header is an orphan that the next shard of that number replaces. So a resumed capture
 //! neither repeats nor misses a position.
+//!
+//! Several processes (a capture over WORLD_SIZE ranks, parallel.rs) write one store without
+//! sharing the header: rank r's writer (`StoreWriter::part`) names its shards
+//! `shard-r{r}-NNNNN.safetensors.zst` (NNNNN after that rank's shards the header already lists, so
+//! names never collide across runs or world sizes) and, after each shard file, lists its shards so
+//! far in `part-{r}.json` (atomically) instead of store.json. Rank 0 merges the part files into
+//! the header at the end; any writer that opens the store (`open`) first adopts the part files a
+//! killed capture left, so their complete shards count as held.
 use super::header::{key_hex, Capture, Header, Identity, ShardEntry, FORMAT, VERSION};
 use super::select::Selection;
 use super::shard::{self, SeqRecord};
@@ -18,9 +26,110 @@ pub struct StoreWriter {
     pending: Vec<SeqRecord>,
     shard_sequences: usize,
     wide_ids: bool,
+    /// several processes: this rank's shards go to its part file, not the header
+    part: Option<Part>,
     /// test hook: stop the process (SIGKILL) after writing this shard's file, before the header
+    /// (with a part writer: this rank's shard of that number, before its part file)
     #[cfg(feature = "fault-injection")]
     die_after_shard_file: Option<usize>,
+}
+
+/// A rank's shards while several processes capture.
+struct Part {
+    rank: usize,
+    /// the number of its next shard file
+    next: usize,
+    entries: Vec<ShardEntry>,
+}
+
+/// Where rank `rank` lists its shards during a capture over several processes.
+pub fn part_path(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("part-{rank}.json"))
+}
+
+/// The part files in `dir`, by name.
+fn part_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("part-"))
+                .and_then(|n| n.strip_suffix(".json"))
+                .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The shards listed in part files (a capture over several processes, finished or killed) entered
+/// in `header`, each once (by file name); each must be there with its size. Returns the part
+/// files, to delete once the header is written.
+fn adopt_parts(dir: &Path, header: &mut Header) -> Result<Vec<PathBuf>> {
+    let parts = part_files(dir)?;
+    for part in &parts {
+        let text = crate::io::read_to_string(part)?;
+        let entries: Vec<ShardEntry> = serde_json::from_str(&text)
+            .map_err(|e| Error::format(part, format!("not a list of shards: {e}")))?;
+        for e in entries {
+            if header.shards.iter().any(|s| s.file == e.file) {
+                continue;
+            }
+            let at = dir.join(&e.file);
+            let len = std::fs::metadata(&at).map_err(|x| Error::io(&at, x))?.len();
+            if len != e.bytes || e.keys.len() != e.sequences {
+                return Err(Error::format(
+                    part,
+                    format!(
+                        "{} has {len} bytes, the part file lists {} (and {} keys for {} sequences)",
+                        e.file,
+                        e.bytes,
+                        e.keys.len(),
+                        e.sequences
+                    ),
+                ));
+            }
+            header.shards.push(e);
+        }
+    }
+    Ok(parts)
+}
+
+fn remove_all(files: &[PathBuf]) -> Result<()> {
+    for f in files {
+        std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
+    }
+    Ok(())
+}
+
+/// The end of a capture over several processes (rank 0, once every rank has written its last
+/// shard): the part files merged into the header, written atomically, then deleted.
+pub fn merge_parts(dir: &Path) -> Result<Header> {
+    let mut header = Header::read(dir)?;
+    let parts = adopt_parts(dir, &mut header)?;
+    header.write(dir)?;
+    remove_all(&parts)?;
+    Ok(header)
+}
+
+/// The number after the largest of rank `rank`'s shard files that `header` lists (0 for none).
+fn next_part_number(header: &Header, rank: usize) -> usize {
+    let prefix = format!("shard-r{rank}-");
+    header
+        .shards
+        .iter()
+        .filter_map(|s| {
+            s.file
+                .strip_prefix(&prefix)?
+                .strip_suffix(".safetensors.zst")?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|n| n + 1)
+        .max()
+        .unwrap_or(0)
 }
 
 /// How a capture relates to the store it writes into.
@@ -47,7 +156,7 @@ impl StoreWriter {
         mode: Mode,
         shard_sequences: usize,
     ) -> Result<StoreWriter> {
-        let header = if dir.join("store.json").exists() {
+        let mut header = if dir.join("store.json").exists() {
             let mut h = Header::read(dir)?;
             let at = dir.join("store.json");
             let differing = h.identity.differences(&identity);
@@ -106,25 +215,45 @@ impl StoreWriter {
                 shards: vec![],
             }
         };
+        // the complete shards of a capture over several processes that was killed
+        let parts = adopt_parts(dir, &mut header)?;
+        header.write(dir)?;
+        remove_all(&parts)?;
+        Ok(Self::new(dir, header, shard_sequences, None))
+    }
+
+    /// Rank `rank`'s writer in a capture over several processes, once rank 0 has opened the store
+    /// (`open`): it holds what the header lists, and lists its own shards in its part file.
+    pub fn part(dir: &Path, rank: usize, shard_sequences: usize) -> Result<StoreWriter> {
+        let header = Header::read(dir)?;
+        let part = Part {
+            rank,
+            next: next_part_number(&header, rank),
+            entries: Vec::new(),
+        };
+        Ok(Self::new(dir, header, shard_sequences, Some(part)))
+    }
+
+    fn new(dir: &Path, header: Header, shard_sequences: usize, part: Option<Part>) -> StoreWriter {
         let held = header
             .shards
             .iter()
             .flat_map(|s| s.keys.iter())
             .filter_map(|k| super::header::parse_key(k))
             .collect();
-        header.write(dir)?;
-        Ok(StoreWriter {
+        StoreWriter {
             dir: dir.to_path_buf(),
             wide_ids: header.vocab_rows > u16::MAX as usize + 1,
             header,
             held,
             pending: Vec::new(),
             shard_sequences: shard_sequences.max(1),
+            part,
             #[cfg(feature = "fault-injection")]
             die_after_shard_file: std::env::var("DISTILL_FAULT_CAPTURE_DIE_AFTER_SHARD")
                 .ok()
                 .and_then(|v| v.parse().ok()),
-        })
+        }
     }
 
     /// Whether the store holds (or is about to write) `key`.
@@ -149,8 +278,18 @@ impl StoreWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let n = self.header.shards.len();
-        let file = format!("shard-{n:05}.safetensors.zst");
+        // n: the hook's number (the shard's, or this rank's shard's)
+        #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+        let (n, file) = match &self.part {
+            None => {
+                let n = self.header.shards.len();
+                (n, format!("shard-{n:05}.safetensors.zst"))
+            }
+            Some(p) => (
+                p.next,
+                format!("shard-r{}-{:05}.safetensors.zst", p.rank, p.next),
+            ),
+        };
         let bytes = shard::encode(
             &self.pending,
             self.header.selection.quantisation,
@@ -170,7 +309,7 @@ impl StoreWriter {
             .iter()
             .flat_map(|r| r.kept.iter().map(|p| p.ids.len()))
             .sum();
-        self.header.shards.push(ShardEntry {
+        let entry = ShardEntry {
             file,
             sequences: self.pending.len(),
             positions,
@@ -178,8 +317,21 @@ impl StoreWriter {
             bytes: bytes.len() as u64,
             checksum: Fnv64::default().words(&bytes).hex(),
             keys: self.pending.iter().map(|r| key_hex(r.key)).collect(),
-        });
-        self.header.write(&self.dir)?;
+        };
+        match &mut self.part {
+            None => {
+                self.header.shards.push(entry);
+                self.header.write(&self.dir)?;
+            }
+            Some(p) => {
+                p.entries.push(entry.clone());
+                p.next += 1;
+                self.header.shards.push(entry);
+                let text = serde_json::to_string_pretty(&p.entries)
+                    .map_err(|e| Error::Invalid(format!("part file: {e}")))?;
+                crate::io::write_atomic(&part_path(&self.dir, p.rank), text.as_bytes())?;
+            }
+        }
         self.pending.clear();
         Ok(())
     }
