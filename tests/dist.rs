@@ -193,6 +193,8 @@ impl Setup {
             "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "12", "plus",
         ];
         std::fs::write(dir.path().join("a.txt"), text(&words, 3000, 99)).unwrap();
+        let nums = ["7", "905", "minus", "is", "zero", "x", "y", "3"];
+        std::fs::write(dir.path().join("b.txt"), text(&nums, 1500, 5)).unwrap();
         Setup { dir }
     }
 
@@ -345,6 +347,66 @@ fn two_processes_of_two_rows_equal_one_of_four() {
     );
     let d = weight_distance(&s.path("one/student"), &s.path("half/student"));
     assert!(d > 1e-3, "a run on half the rows should differ: {d:e}");
+}
+
+#[test]
+fn two_processes_with_sources_and_ddk_equal_one() {
+    let s = Setup::new();
+    // two sources (weights 1 and 3) instead of one file, DDK every 3 steps
+    let sources = |name: &str, out: &str, micro: usize| {
+        let p = s.run_file(name, out, micro, "[data.ddk]\ninterval = 3\nalpha = 0.5\n");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replacen("train = \"a.txt\"\n", "", 1);
+        let text = text.replacen(
+            "[[loss]]",
+            "[[data.source]]\nname = \"words\"\ntrain = \"a.txt\"\n\n[[data.source]]\nname = \"numbers\"\ntrain = \"b.txt\"\nweight = 3\n\n[[loss]]",
+            1,
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let one = sources("one.toml", "one", 4);
+    let two = sources("two.toml", "two", 2);
+    train_ok(&["--threads", "1", "train", one.to_str().unwrap()]);
+    ok(
+        &launch(2, &two, &[], &[]),
+        "launch --nproc 2 with sources and DDK",
+    );
+    let d = weight_distance(&s.path("one/student"), &s.path("two/student"));
+    assert!(d < SAME, "weights differ by {d:e}");
+    let (a, b) = (
+        records(&s.path("one/metrics.jsonl")),
+        records(&s.path("two/metrics.jsonl")),
+    );
+    let of = |r: &[serde_json::Value], kind: &str, key: &str| -> Vec<f64> {
+        r.iter()
+            .filter(|x| x["kind"] == kind)
+            .flat_map(|x| match &x[key] {
+                serde_json::Value::Array(v) => v.iter().map(|y| y.as_f64().unwrap()).collect(),
+                v => vec![v.as_f64().unwrap()],
+            })
+            .collect()
+    };
+    // the same DDK weights at the same steps (from the sharded per-source evaluations), the same
+    // rows per source, the same losses
+    assert_eq!(of(&a, "ddk", "weights").len(), 3 * 2);
+    close(
+        &of(&a, "ddk", "weights"),
+        &of(&b, "ddk", "weights"),
+        SAME,
+        "DDK weights",
+    );
+    assert_eq!(
+        of(&a, "train", "source_rows"),
+        of(&b, "train", "source_rows")
+    );
+    close(
+        &of(&a, "train", "loss"),
+        &of(&b, "train", "loss"),
+        SAME,
+        "losses",
+    );
 }
 
 #[cfg(feature = "fault-injection")]

@@ -9,7 +9,8 @@
 //!     the step was finite are summed (or and-ed) in one more collective;
 //!   - at the start, parameters and AdamW's moments are broadcast from rank 0, after every rank has
 //!     checked that it starts at the same step;
-//!   - evaluation is sharded (each rank its share of the validation sequences) and its sums reduced;
+//!   - evaluation is sharded (each rank its share of the validation sequences, each source's too)
+//!     and its sums reduced: every rank holds the same metrics, so DDK's weights agree;
 //!   - only rank 0 holds the output folder: it writes run.json, metrics, checkpoints and the student.
 //!     A resume reads the checkpoint on every rank, so several machines need a shared output folder.
 //!
@@ -48,9 +49,6 @@ pub fn refuse_unsupported(cfg: &RunConfig, world: usize) -> Result<()> {
     }
     if cfg.student.stages.is_some() {
         no.push("[[student.stage]]");
-    }
-    if cfg.data.ddk.is_some() {
-        no.push("[data.ddk]");
     }
     if cfg.run.max_memory.is_some() {
         no.push("[run] max_memory (the plan probes one process; `distill plan` with one process's micro_batch predicts a rank)");

@@ -1318,44 +1318,42 @@ fn evaluate(cfg: &RunConfig, s: &Setup) -> Result<DistillMetrics> {
     if let Some(t) = &s.teachers {
         t.shares.borrow_mut().take()?; // the validation set's shares only (read by eval_record)
     }
+    metrics_of(cfg, s, &s.ds.validation)
+}
+
+/// Each source's validation metrics (`[[data.source]]`), in the sources' order.
+fn source_metrics(cfg: &RunConfig, s: &Setup) -> Result<Vec<DistillMetrics>> {
+    s.ds.sources
+        .iter()
+        .map(|src| metrics_of(cfg, s, &s.ds.validation[src.validation.clone()]))
+        .collect()
+}
+
+/// The metrics of some validation sequences: over several processes each rank measures its share
+/// and the sums are reduced, so that every rank holds the same values (DDK's weights agree).
+fn metrics_of(cfg: &RunConfig, s: &Setup, seqs: &[data::Sequence]) -> Result<DistillMetrics> {
     let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab, &s.teachers);
     if s.world.size == 1 {
         return distill_metrics(
             teacher.as_ref(),
             &s.student.model,
-            &s.ds.validation,
+            seqs,
             cfg.optim.micro_batch,
         );
     }
-    if s.ds.validation.is_empty() {
+    if seqs.is_empty() {
         return Err(Error::Invalid(
             "evaluation needs at least one validation sequence".into(),
         ));
     }
-    let mine = parallel::eval_rows(&s.world, s.ds.validation.len());
+    let mine = parallel::eval_rows(&s.world, seqs.len());
     let sums = crate::eval::distill_sums(
         teacher.as_ref(),
         &s.student.model,
-        &s.ds.validation[mine],
+        &seqs[mine],
         cfg.optim.micro_batch / s.world.size,
     )?;
     parallel::reduce_sums(&s.world, sums)?.metrics()
-}
-
-/// Each source's validation metrics (`[[data.source]]`), in the sources' order.
-fn source_metrics(cfg: &RunConfig, s: &Setup) -> Result<Vec<DistillMetrics>> {
-    let teacher = signal(&s.teacher, &s.store, &s.hybrid, &s.vocab, &s.teachers);
-    s.ds.sources
-        .iter()
-        .map(|src| {
-            distill_metrics(
-                teacher.as_ref(),
-                &s.student.model,
-                &s.ds.validation[src.validation.clone()],
-                cfg.optim.micro_batch,
-            )
-        })
-        .collect()
 }
 
 /// The eval record; with `[onpolicy]`, also the exposure-bias measure (the teacher judging the
