@@ -112,14 +112,6 @@ fn ok(out: &Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `distill --threads 1 launch --nproc N capture RUN extra…`
 fn launch_capture(nproc: usize, run: &str, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_distill"))

@@ -21,14 +21,6 @@ use tch::{Device, Kind, Tensor};
 
 const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn rendezvous(port: u16, rank: usize, world: usize, timeout: Duration) -> Rendezvous {
     Rendezvous {
         host: "127.0.0.1".into(),
@@ -157,20 +149,6 @@ fn nccl_without_a_gpu_is_an_error_not_an_abort() {
 
 struct Setup {
     dir: tempfile::TempDir,
-}
-
-/// `n` words drawn from `words` by an LCG seeded with `seed`, in sentences.
-fn text(words: &[&str], n: usize, seed: u64) -> String {
-    let mut x = seed;
-    let mut t = String::new();
-    for i in 0..n {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        t += words[(x >> 33) as usize % words.len()];
-        t += if i % 11 == 10 { ".\n" } else { " " };
-    }
-    t
 }
 
 impl Setup {

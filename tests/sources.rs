@@ -21,20 +21,6 @@ struct Setup {
     dir: tempfile::TempDir,
 }
 
-/// `n` words drawn from `words` by an LCG seeded with `seed`, in sentences.
-fn text(words: &[&str], n: usize, seed: u64) -> String {
-    let mut x = seed;
-    let mut t = String::new();
-    for i in 0..n {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        t += words[(x >> 33) as usize % words.len()];
-        t += if i % 11 == 10 { ".\n" } else { " " };
-    }
-    t
-}
-
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();

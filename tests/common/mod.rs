@@ -188,3 +188,26 @@ pub fn train_record(recs: &[serde_json::Value], step: u64) -> serde_json::Value 
 pub fn weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model.safetensors")).unwrap()
 }
+
+/// `n` words drawn from `words` by an LCG seeded with `seed`, in sentences.
+pub fn text(words: &[&str], n: usize, seed: u64) -> String {
+    let mut x = seed;
+    let mut t = String::new();
+    for i in 0..n {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        t += words[(x >> 33) as usize % words.len()];
+        t += if i % 11 == 10 { ".\n" } else { " " };
+    }
+    t
+}
+
+/// A TCP port nobody listens on now (for a rendezvous).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
