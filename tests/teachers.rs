@@ -117,7 +117,13 @@ const TWO: &str = "[[teacher]]\nname = \"a\"\npath = \"teacher\"\n\n[[teacher]]\
 
 fn strip(r: &Value) -> Value {
     let mut r = r.clone();
-    for k in ["tokens_per_s", "seconds", "teacher_shares", "teachers"] {
+    for k in [
+        "tokens_per_s",
+        "seconds",
+        "peak_rss_mib",
+        "teacher_shares",
+        "teachers",
+    ] {
         r.as_object_mut().unwrap().remove(k);
     }
     r
@@ -466,7 +472,7 @@ fn a_run_killed_with_several_teachers_resumes_bit_identically() {
             let mut seen = std::collections::BTreeMap::new();
             for r in recs.iter().filter(|r| r["kind"] == kind) {
                 let mut r = r.clone();
-                for k in ["tokens_per_s", "seconds"] {
+                for k in ["tokens_per_s", "seconds", "peak_rss_mib"] {
                     r.as_object_mut().unwrap().remove(k);
                 }
                 seen.insert(r["step"].as_u64().unwrap(), r); // a replayed step: its last record
