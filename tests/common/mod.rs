@@ -211,3 +211,36 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Rank 1 (`r1`) is to be SIGKILLed by a fault hook; rank 0 (`r0`, stderr piped) must then stop on
+/// its own within the group's timeout (`timeout_s`, plus 10 s of slack) with exit code 2 and one
+/// clear `distill: rank 0: …` line last, no panic. Returns that line.
+pub fn killed_rank_stops_the_other(
+    r0: std::process::Child,
+    mut r1: std::process::Child,
+    timeout_s: u64,
+) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let status1 = r1.wait().unwrap();
+    let killed_at = std::time::Instant::now();
+    assert_eq!(status1.signal(), Some(9), "rank 1 was killed");
+    let out0 = r0.wait_with_output().unwrap();
+    let stopped = killed_at.elapsed();
+    assert!(
+        stopped < std::time::Duration::from_secs(timeout_s + 10),
+        "rank 0 stopped {stopped:?} after rank 1 (timeout {timeout_s} s)"
+    );
+    let stderr = String::from_utf8_lossy(&out0.stderr);
+    assert_eq!(out0.status.code(), Some(2), "{stderr}");
+    let last = stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string();
+    eprintln!("rank 0 stopped {stopped:?} after rank 1 with: {last}");
+    assert!(
+        last.starts_with("distill: rank 0: ") && !stderr.contains("panicked"),
+        "one clear error: {stderr}"
+    );
+    last
+}
