@@ -21,6 +21,18 @@ fn grads(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
 
 #[test]
 fn chunked_objective_equals_unchunked() {
+    chunked_equals_unchunked(false);
+}
+
+/// A tied student's head weight is its embedding: the chunks' ∂L/∂W (added by hand, in place) and
+/// the trunk's embedding gradient (autograd's) meet in one buffer, which the first chunked step of
+/// a fresh student has not yet allocated.
+#[test]
+fn chunked_objective_equals_unchunked_with_a_tied_head() {
+    chunked_equals_unchunked(true);
+}
+
+fn chunked_equals_unchunked(tied: bool) {
     let mut cfg = LlamaConfig::tiny(97, 32, 2, 4, 2);
     cfg.tie_word_embeddings = true;
     let teacher = model::random(&cfg, Device::Cpu, 1).unwrap();
@@ -31,7 +43,7 @@ fn chunked_objective_equals_unchunked() {
     });
     let mut s_cfg = cfg.clone();
     s_cfg.num_hidden_layers = 1;
-    s_cfg.tie_word_embeddings = false;
+    s_cfg.tie_word_embeddings = tied;
     let student = model::random(&s_cfg, Device::Cpu, 2).unwrap();
     tch::manual_seed(3);
     let ids = Tensor::randint(97, [3, 11], (Kind::Int64, Device::Cpu));
@@ -79,11 +91,12 @@ fn chunked_objective_equals_unchunked() {
         .unwrap();
         let g_whole = grads(&student.vs);
         for chunk in [1usize, 5, 7, 64] {
-            for (_, mut v) in student.vs.variables() {
-                v.zero_grad();
-            }
+            // a fresh student (no gradient buffers yet) with the same weights (copied: the tests
+            // of this file run in parallel and tch's seed is global)
+            let mut fresh = model::random(&s_cfg, Device::Cpu, 2).unwrap();
+            fresh.vs.copy(&student.vs).unwrap();
             let part = micro_step(
-                &student.model,
+                &fresh.model,
                 Some(&teacher),
                 &obj,
                 batch,
@@ -105,7 +118,7 @@ fn chunked_objective_equals_unchunked() {
                     terms[0].spec.name
                 );
             }
-            for ((name, g), (_, h)) in grads(&student.vs).iter().zip(&g_whole) {
+            for ((name, g), (_, h)) in grads(&fresh.vs).iter().zip(&g_whole) {
                 let scale = h.abs().max().double_value(&[]).max(1e-12);
                 let diff = (g - h).abs().max().double_value(&[]);
                 assert!(
@@ -118,5 +131,64 @@ fn chunked_objective_equals_unchunked() {
         for (_, mut v) in student.vs.variables() {
             v.zero_grad();
         }
+    }
+}
+
+/// A student computing in bf16 with f32 weights: the chunks' ∂L/∂W is formed in f32 from the bf16
+/// G and h (autograd's whole-tensor backward forms it in bf16 and casts it), so the two agree to
+/// bf16's rounding: each gradient entry within a few units of 2^-8 of the largest one.
+#[test]
+fn a_bf16_student_chunked_equals_unchunked_within_bf16_rounding() {
+    let cfg = LlamaConfig::tiny(97, 32, 2, 4, 2);
+    let teacher = model::random(&cfg, Device::Cpu, 1).unwrap();
+    let mut s_cfg = cfg.clone();
+    s_cfg.num_hidden_layers = 1;
+    s_cfg.tie_word_embeddings = true;
+    let first = model::random(&s_cfg, Device::Cpu, 2).unwrap();
+    let bf16 = || {
+        let mut m = model::random(&s_cfg, Device::Cpu, 2).unwrap();
+        m.vs.copy(&first.vs).unwrap(); // the same weights (the seed is global to parallel tests)
+        m.model.set_compute_kind(Kind::BFloat16);
+        m
+    };
+    tch::manual_seed(3);
+    let ids = Tensor::randint(97, [3, 11], (Kind::Int64, Device::Cpu));
+    let labels = ids.roll([-1], [1]);
+    let _ = labels.narrow(1, 10, 1).fill_(-100);
+    let batch = Batch::from_ids_labels(&ids, &labels).unwrap();
+    let obj = Objective::new(&[LossTerm::new("forward_kl", &[], 1.0).unwrap()], 10).unwrap();
+    let teacher = Live::new(&teacher.model);
+    let whole = bf16();
+    let w = micro_step(
+        &whole.model,
+        Some(&teacher),
+        &obj,
+        &batch,
+        &StepOptions::new(None, 1.0),
+    )
+    .unwrap();
+    let part = bf16();
+    let p = micro_step(
+        &part.model,
+        Some(&teacher),
+        &obj,
+        &batch,
+        &StepOptions::new(Some(7), 1.0),
+    )
+    .unwrap();
+    assert!(
+        (p.loss - w.loss).abs() <= 1e-2 * w.loss.abs(),
+        "{} vs {}",
+        p.loss,
+        w.loss
+    );
+    for ((name, g), (_, h)) in grads(&part.vs).iter().zip(&grads(&whole.vs)) {
+        assert_eq!(g.kind(), Kind::Float, "{name}: f32 master gradient");
+        let scale = h.abs().max().double_value(&[]).max(1e-12);
+        let diff = (g - h).abs().max().double_value(&[]);
+        assert!(
+            diff / scale < 4.0 * 2f64.powi(-8),
+            "{name}: bf16 gradients differ by {diff} (scale {scale})"
+        );
     }
 }

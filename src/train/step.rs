@@ -6,7 +6,8 @@
 //!   for each chunk of c positions (or all at once):
 //!       s = head(student hidden[chunk])        (c, Vs)
 //!       t = teacher signal at the chunk        (c, Vt)
-//!       value += share · objective(s, t, labels, weights)   → backward into the detached hidden
+//!       value += share · objective(s, t, labels, weights)   → backward into the chunk's logits,
+//!       then the head's backward by hand (`HeadGrad`): ∂L/∂h, and ∂L/∂W in place
 //!   the trunk's backward, once, with the gathered gradient and the hidden terms
 //!
 //! The layer states of the hidden-state terms come from the same forward passes as the logits (the
@@ -116,28 +117,27 @@ pub fn micro_step(
         rest = Some(part);
     }
     let chunk = opts.chunk.filter(|_| objective.chunkable());
-    let (detached, c) = match chunk {
-        // the head's work over chunks of positions, backpropagated into detached hidden states
-        Some(c) => (
-            Some(
-                s_trunk
-                    .f_detach()?
-                    .f_flatten(0, 1)?
-                    .f_set_requires_grad(true)?,
-            ), // (N, d)
-            c as i64,
-        ),
-        None => (None, n),
+    // chunked: the head's backward by hand (`HeadGrad`); whole tensors: one chunk with the graph
+    let mut by_hand = match chunk {
+        Some(_) => Some(HeadGrad::new(student, &s_trunk)?),
+        None => None,
     };
+    let c = chunk.map_or(n, |c| c as i64);
     if total_weight > 0.0 && objective.reads_logits() {
-        let flat = s_trunk.f_flatten(0, 1)?; // (N, d)
+        let flat = match &by_hand {
+            Some(hg) => hg.hidden.shallow_clone(),
+            None => s_trunk.f_flatten(0, 1)?, // (N, d)
+        };
         let mut start = 0;
         while start < n {
             let len = c.min(n - start);
             let share = batch.weight_sum(start as usize, len as usize) / total_weight;
             if share > 0.0 {
-                let h = detached.as_ref().unwrap_or(&flat).f_narrow(0, start, len)?;
-                let s_logits = student.head(&h)?; // (len, Vs)
+                let h = flat.f_narrow(0, start, len)?;
+                let s_logits = match &by_hand {
+                    Some(hg) => hg.logits(student, &h)?, // (len, Vs), a leaf
+                    None => student.head(&h)?,           // (len, Vs), with the graph
+                };
                 let t_dist = match &signal {
                     Some(sig) => Some(sig.positions(start, len)?), // (len, Vt)
                     None => None,
@@ -160,21 +160,23 @@ pub fn micro_step(
                     .map(|p| p.f_mul_scalar(w)?.f_to_kind(Kind::Double))
                     .collect::<std::result::Result<_, _>>()?;
                 parts = parts.f_add(&Tensor::f_stack(&scaled, 0)?)?;
-                if detached.is_some() {
-                    part.f_backward()?; // into the detached hidden states
-                } else {
-                    rest = Some(add(rest, part)?); // whole tensors: one chunk, with the trunk's graph
+                match &mut by_hand {
+                    Some(hg) => {
+                        part.f_backward()?; // into the chunk's logits (a leaf)
+                        hg.backward(student, &s_logits, &h, start)?;
+                    }
+                    // whole tensors: one chunk, with the trunk's graph
+                    None => rest = Some(add(rest, part)?),
                 }
             }
             start += len;
         }
     }
-    if let Some(d) = &detached {
-        // the gradient gathered on the detached hidden states, pulled back through the trunk
-        let grad = d.grad();
-        if grad.defined() {
+    if let Some(hg) = by_hand.take() {
+        // the gradient gathered on the hidden states, pulled back through the trunk
+        if hg.touched {
             let pull = s_trunk
-                .f_mul(&grad.f_view_as(&s_trunk)?)?
+                .f_mul(&hg.grad.f_view_as(&s_trunk)?)?
                 .f_sum(Kind::Float)?;
             rest = Some(add(rest, pull)?);
         }
@@ -192,4 +194,70 @@ pub fn micro_step(
         parts: values[1..].to_vec(),
         finite: loss.is_finite(),
     })
+}
+
+/// The output head's backward over chunks of positions, by hand: a chunk's logits are computed
+/// without a graph and made a leaf, the objective's backward stops there with G = ∂L/∂logits
+/// (len, V), and then
+///   ∂L/∂h = G·W        written into the chunk's rows of `grad` (N, d)
+///   ∂L/∂W += Gᵀ·h      added in place into W's gradient (V, d)
+/// — what autograd's backward of `h·Wᵀ` computes, without its (V, d) temporary per chunk (the
+/// head's weight is the largest tensor of a small model: 113 MB for SmolLM2's 49,152 × 576, and
+/// allocating and faulting it in once per chunk cost more than the product itself). The hidden
+/// states' gradient then joins the trunk's one backward pass. When the head computes in another
+/// dtype than its weight is kept in (bf16 activations, f32 weights), ∂L/∂W is formed in the
+/// weight's dtype from the chunk's G and h cast to it.
+struct HeadGrad {
+    /// the trunk's final hidden states (N, d), detached
+    hidden: Tensor,
+    /// ∂L/∂hidden (N, d)
+    grad: Tensor,
+    /// whether any chunk wrote a gradient
+    touched: bool,
+}
+
+impl HeadGrad {
+    fn new(student: &Llama, trunk: &Tensor) -> Result<HeadGrad> {
+        let hidden = trunk.f_detach()?.f_flatten(0, 1)?; // (N, d)
+        let w = student.lm_head_weight();
+        if w.requires_grad() && !w.grad().defined() {
+            // W's gradient buffer, once: zeros, which later chunks accumulate into in place
+            // (zero_grad keeps the buffer)
+            w.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward()?;
+        }
+        Ok(HeadGrad {
+            grad: hidden.f_zeros_like()?,
+            hidden,
+            touched: false,
+        })
+    }
+
+    /// The chunk's logits (len, V) from its hidden states `h`, as a leaf.
+    fn logits(&self, student: &Llama, h: &Tensor) -> Result<Tensor> {
+        let s = tch::no_grad(|| student.head(h))?;
+        Ok(s.f_set_requires_grad(true)?)
+    }
+
+    /// After the objective's backward reached the chunk's `logits` (rows from `start`).
+    fn backward(&mut self, student: &Llama, logits: &Tensor, h: &Tensor, start: i64) -> Result<()> {
+        let g = logits.grad(); // (len, V)
+        if !g.defined() {
+            return Ok(()); // the objective did not depend on the logits
+        }
+        let w = student.lm_head_weight();
+        tch::no_grad(|| -> Result<()> {
+            let len = g.size()[0];
+            let wk = w.f_to_kind(g.kind())?; // a no-op when the head computes in W's dtype
+            let _ = g.f_mm_out(&self.grad.f_narrow(0, start, len)?, &wk)?;
+            if w.requires_grad() {
+                let k = w.kind();
+                let _ = w
+                    .grad()
+                    .f_addmm_(&g.f_to_kind(k)?.f_tr()?, &h.f_to_kind(k)?)?;
+            }
+            Ok(())
+        })?;
+        self.touched = true;
+        Ok(())
+    }
 }
