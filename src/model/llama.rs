@@ -58,9 +58,10 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         // (…, d): x / sqrt(mean(x²) + eps) · w, normalised in f32 as transformers does, then cast
         // back to the input's dtype before the weight (bf16/f16 models stay in their dtype)
-        if x.kind() == Kind::Float {
-            let var = x.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-            return x * (var + self.eps).rsqrt() * self.weight.to_kind(Kind::Float);
+        if x.kind() == Kind::Float && self.weight.kind() == Kind::Float {
+            // libtorch's rms_norm: the same formula, half the time of the four ops spelled out
+            let d = *x.size().last().expect("hidden is (…, d)");
+            return x.rms_norm([d], Some(&self.weight), self.eps);
         }
         let h = x.to_kind(Kind::Float);
         let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
@@ -88,17 +89,6 @@ fn rotate_half(x: &Tensor) -> Tensor {
 
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotate_half(x) * sin
-}
-
-/// Repeat each key/value head `n_rep` times: (B, kv, T, hd) → (B, kv·n_rep, T, hd).
-fn repeat_kv(x: Tensor, n_rep: i64) -> Tensor {
-    if n_rep == 1 {
-        return x;
-    }
-    let (b, kv, t, hd) = x.size4().expect("kv tensor is 4-d");
-    x.unsqueeze(2)
-        .expand([b, kv, n_rep, t, hd], false)
-        .reshape([b, kv * n_rep, t, hd])
 }
 
 impl Attention {
@@ -153,14 +143,16 @@ impl Attention {
             }
             None => (k, v),
         };
-        let k = repeat_kv(k, nh / nkv); // (B, nh, S, hd)
-        let v = repeat_kv(v, nh / nkv);
         let (mask_t, causal) = match mask {
             AttnMask::Causal => (None, true),
             AttnMask::Full => (None, false),
             AttnMask::Explicit(m) => (Some(m), false),
         };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, false);
+        // grouped-query attention inside the kernel (`enable_gqa`): query head j reads key/value
+        // head j / (nh / kv), as repeating each kv head nh / kv times would, without materialising
+        // the repeated (B, nh, S, hd) keys and values (which autograd would keep for the backward)
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, nh != nkv);
         y.transpose(1, 2).contiguous().view([b, t, nh * hd]) // (B, T, nh·hd)
     }
 }
