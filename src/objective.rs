@@ -375,9 +375,55 @@ impl Objective {
             }
             _ => None,
         };
+        let dense = match teacher {
+            Some(TeacherDist::Dense(t)) => Some(t),
+            _ => None,
+        };
+        self.compute_with(student, dense, reduced.as_ref(), labels, weights)
+    }
+
+    /// Whether every active term over the output distributions reads the student, on a store, only
+    /// through the reduced pair (`Loss::reads_only_reduced`), so that `compute_on_reduced` may be
+    /// used.
+    pub fn reads_only_reduced(&self) -> bool {
+        self.terms
+            .iter()
+            .enumerate()
+            .filter(|(i, (l, _))| !Self::reads_hidden(l.as_ref()) && self.active(*i))
+            .all(|(_, (l, _))| l.needs_teacher() && l.reads_only_reduced())
+    }
+
+    /// The objective on a store's reduced pair whose student side was computed elsewhere
+    /// (`Reduced::by_hand`), for an objective whose terms read nothing else of the student
+    /// (`reads_only_reduced`; an error otherwise). The value and its graph reach the pair's
+    /// student side only.
+    pub fn compute_on_reduced(
+        &self,
+        reduced: &Reduced,
+        labels: &Tensor,
+        weights: &Tensor,
+    ) -> Result<ObjectiveValue> {
+        if !self.reads_only_reduced() {
+            return Err(Error::Invalid(
+                "the objective reads the student's logits beyond a store's reduced pair".into(),
+            ));
+        }
+        self.check_sparse(reduced.temperature)?;
+        self.compute_with(&reduced.student, None, Some(reduced), labels, weights)
+    }
+
+    /// `compute` once the teacher's side is known: its dense logits, or a store's reduced pair.
+    fn compute_with(
+        &self,
+        student: &Tensor,
+        dense: Option<&Tensor>,
+        reduced: Option<&Reduced>,
+        labels: &Tensor,
+        weights: &Tensor,
+    ) -> Result<ObjectiveValue> {
         // the shared vocabulary prefix (a store's ids are already the student's)
-        let (s_shared, t_shared) = match teacher {
-            Some(TeacherDist::Dense(t)) => {
+        let (s_shared, t_shared) = match (dense, reduced) {
+            (Some(t), _) => {
                 let last = |x: &Tensor| *x.size().last().unwrap_or(&0);
                 let v = last(student).min(last(t));
                 (
@@ -385,8 +431,8 @@ impl Objective {
                     Some(t.f_narrow(-1, 0, v)?),
                 )
             }
-            Some(TeacherDist::Sparse(_)) => (Some(student.shallow_clone()), None),
-            None => (None, None),
+            (None, Some(_)) => (Some(student.shallow_clone()), None),
+            (None, None) => (None, None),
         };
         // f32 for training's f32/bf16 logits; f64 when the student's logits are f64 (the tests'
         // references), so that the sum does not round what the terms computed in f64
@@ -406,7 +452,7 @@ impl Objective {
                 LossInput {
                     student: s,
                     teacher: t_shared.as_ref(),
-                    reduced: reduced.as_ref(),
+                    reduced,
                     labels,
                     weights,
                 }

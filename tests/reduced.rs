@@ -1256,13 +1256,36 @@ fn the_step_trains_on_a_store_chunked_or_not() {
     // way in any chunk; what differs is the grouping of the f32 sums over ≤ 27 positions of terms
     // ≥ 0 (each chunk's mean times its share, summed in f64), at most 2·27·2⁻²⁴ ≈ 3.2e-6 relative,
     // plus a few single roundings (the divisions, the shares, the terms' weighted sum)
-    let (student, seqs, store) = eval_setup();
-    let b = Batch::new(&seqs, &[0, 1, 2], Device::Cpu).unwrap();
     let obj = objective(&[
         ("forward_kl", &[("temperature", 2.0)]),
         ("pld", &[("tau", 2.0)]),
         ("cross_entropy", &[]),
     ]);
+    assert!(!obj.reads_only_reduced());
+    step_on_a_store_chunked_or_not(&obj);
+}
+
+#[test]
+fn the_step_trains_on_a_store_chunked_with_the_reduced_pair_by_hand() {
+    // every term reads the student only through the reduced pair: in chunks, the step computes the
+    // pair's student side by hand (reduced::ByHand) instead of by autograd; whole, by autograd
+    let t2: &[(&str, f64)] = &[("temperature", 2.0)];
+    let obj = objective(&[
+        ("forward_kl", t2),
+        ("reverse_kl", t2),
+        ("jsd", &[("beta", 0.3), ("temperature", 2.0)]),
+        ("skew_kl", &[("alpha", 0.2), ("temperature", 2.0)]),
+        ("skew_reverse_kl", &[("alpha", 0.2), ("temperature", 2.0)]),
+        ("tvd", t2),
+        ("adaptive_kl", &[("mu", 0.5), ("temperature", 2.0)]),
+    ]);
+    assert!(obj.reads_only_reduced());
+    step_on_a_store_chunked_or_not(&obj);
+}
+
+fn step_on_a_store_chunked_or_not(obj: &Objective) {
+    let (student, seqs, store) = eval_setup();
+    let b = Batch::new(&seqs, &[0, 1, 2], Device::Cpu).unwrap();
     let grads = || -> Vec<Tensor> {
         let mut v: Vec<(String, Tensor)> = student
             .vs
@@ -1282,7 +1305,7 @@ fn the_step_trains_on_a_store_chunked_or_not() {
     let whole = micro_step(
         &student.model,
         Some(&store),
-        &obj,
+        obj,
         &b,
         &StepOptions::new(None, 1.0),
     )
@@ -1312,7 +1335,7 @@ fn the_step_trains_on_a_store_chunked_or_not() {
         let part = micro_step(
             &student.model,
             Some(&store),
-            &obj,
+            obj,
             &b,
             &StepOptions::new(Some(chunk), 1.0),
         )
@@ -1331,5 +1354,64 @@ fn the_step_trains_on_a_store_chunked_or_not() {
                 "chunk {chunk}: gradient differs by {diff}"
             );
         }
+    }
+}
+
+/// `Reduced::by_hand` against `Reduced::new` (autograd through `student_log_probs`), in f32: the
+/// student side log q̃ and the gradient it passes back to the logits for an arbitrary upstream
+/// gradient on the pair's finite entries, at T = 1 and 2, with padding slots, a teacher tail of 0
+/// (row 3) and, with every token stored (K = V), an empty student tail. (Both follow SparseDist's
+/// contract that a padding slot repeats a valid id of its row.) Both compute the same
+/// log-sum-exps in f32 from the same logits (|x| < 12 here): log q̃ agrees to a few f32 roundings
+/// of numbers below 16, i.e. within 1e-5; each gradient entry is a few products of such
+/// exponentials and the upstream sums (|Σg| < 11), so within 2e-5 of the largest entry.
+#[test]
+fn the_reduced_student_side_by_hand_equals_autograd() {
+    let p = problem(400);
+    // every token stored needs a teacher with mass on every token (a token of mass 0 is not stored)
+    let t: Vec<Row> = rows(401, N, V, 2.0);
+    let all: Vec<Stored> = (0..N)
+        .map(|i| capture(&t[i], p.labels[i].max(0), V, V, 1.0, true))
+        .collect();
+    for (what, temp, st) in [
+        ("T = 1", 1.0, p.store(1.0)),
+        ("T = 2", 2.0, p.store(2.0)),
+        ("every token stored", 1.0, all),
+    ] {
+        let sp = sparse(&st, temp, Kind::Float);
+        let k1 = st[0].ids.len() as i64 + 1;
+        let x = matrix(&p.s, Kind::Float);
+        let up: Vec<f64> = (0..N as i64 * k1)
+            .map(|i| ((i * 7919 % 13) as f64 - 6.0) / 5.0)
+            .collect();
+        let up = Tensor::from_slice(&up)
+            .reshape([N as i64, k1])
+            .to_kind(Kind::Float);
+        let zero = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let pull = |q: &Tensor| (q.where_self(&q.isfinite(), &zero) * &up).sum(Kind::Float);
+        let xa = x.copy().set_requires_grad(true);
+        let ra = Reduced::new(&xa, &sp).unwrap();
+        pull(&ra.student).backward();
+        let ga = xa.grad();
+        let (rb, hand) = Reduced::by_hand(x.copy(), &sp).unwrap();
+        assert_eq!(
+            Vec::<bool>::try_from(ra.student.isfinite().flatten(0, -1)).unwrap(),
+            Vec::<bool>::try_from(rb.student.isfinite().flatten(0, -1)).unwrap(),
+            "{what}: the same −inf entries"
+        );
+        let finite = ra.student.isfinite();
+        let dq = (ra.student.where_self(&finite, &zero) - rb.student.where_self(&finite, &zero))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(dq < 1e-5, "{what}: log q̃ differs by {dq}");
+        pull(&rb.student).backward();
+        let gb = hand.logits_grad().unwrap().expect("the pair was reached");
+        let scale = ga.abs().max().double_value(&[]);
+        let dg = (&ga - &gb).abs().max().double_value(&[]);
+        assert!(
+            scale > 0.1 && dg < 2e-5 * scale,
+            "{what}: gradient differs by {dg} (scale {scale})"
+        );
     }
 }

@@ -115,6 +115,9 @@ struct AdaptiveKl {
 }
 
 impl Loss for AdaptiveKl {
+    fn reads_only_reduced(&self) -> bool {
+        true
+    }
     fn spec(&self) -> &'static LossSpec {
         &ADAPTIVE_KL
     }

@@ -64,6 +64,9 @@ struct Jsd {
 }
 
 impl Loss for Jsd {
+    fn reads_only_reduced(&self) -> bool {
+        true
+    }
     fn spec(&self) -> &'static LossSpec {
         &JSD
     }

@@ -83,6 +83,9 @@ struct ForwardKl {
 }
 
 impl Loss for ForwardKl {
+    fn reads_only_reduced(&self) -> bool {
+        true
+    }
     fn spec(&self) -> &'static LossSpec {
         &FORWARD_KL
     }
@@ -101,6 +104,9 @@ struct ReverseKl {
 }
 
 impl Loss for ReverseKl {
+    fn reads_only_reduced(&self) -> bool {
+        true
+    }
     fn spec(&self) -> &'static LossSpec {
         &REVERSE_KL
     }

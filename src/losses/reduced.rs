@@ -46,6 +46,22 @@ impl Reduced {
     /// The reduced pair for student logits `[..., V]` (ids in the student's vocabulary) and a store's
     /// signal at the same N = Π[...] positions.
     pub fn new(student: &Tensor, signal: &SparseDist) -> Result<Reduced> {
+        Ok(Self::build(student, signal, None)?.0)
+    }
+
+    /// The reduced pair with the student's side computed by hand ([`ByHand`]) from `logits` (N, V)
+    /// f32 without a graph, whose buffer it takes over: `student` is then a leaf (N, K+1), log q̃
+    /// times T, and `ByHand::logits_grad` turns its gradient into the logits' (N, V).
+    pub fn by_hand(logits: Tensor, signal: &SparseDist) -> Result<(Reduced, ByHand)> {
+        let (r, h) = Self::build(&logits.shallow_clone(), signal, Some(logits))?;
+        Ok((r, h.expect("built by hand")))
+    }
+
+    fn build(
+        student: &Tensor,
+        signal: &SparseDist,
+        by_hand: Option<Tensor>,
+    ) -> Result<(Reduced, Option<ByHand>)> {
         let temperature = signal.temperature;
         super::check_temperature("teacher store", temperature)?;
         let shape = student.size();
@@ -101,8 +117,11 @@ impl Reduced {
         }
         let logprobs = with_k(&signal.logprobs.f_to_kind(kind)?)?.f_detach()?; // [..., K]
         let stored = logprobs.f_isneginf()?.f_logical_not()?;
-        let q = student_log_probs(student, &indices, &stored, temperature)?; // [..., K+1]
-                                                                             // log m as stored (−inf only for a tail with no mass at all)
+        let q = match &by_hand {
+            None => student_log_probs(student, &indices, &stored, temperature)?, // [..., K+1]
+            Some(_) => Tensor::f_empty([0], (kind, device))?,
+        };
+        // log m as stored (−inf only for a tail with no mass at all)
         let tail = signal
             .log_tail
             .f_to_device(device)?
@@ -117,13 +136,34 @@ impl Reduced {
                 x.f_mul_scalar(temperature)?
             })
         };
-        Ok(Reduced {
-            student: times_t(q)?,
+        let (q, hand) = match by_hand {
+            None => (q, None),
+            Some(logits) => {
+                if logits.kind() != Kind::Float || logits.requires_grad() || logits.dim() != 2 {
+                    return Err(Error::Invalid(format!(
+                        "teacher store: the by-hand reduction takes f32 logits (N, V) without a \
+                         graph, got {:?} {:?}",
+                        logits.kind(),
+                        logits.size()
+                    )));
+                }
+                let idx = indices.f_reshape([n, k])?;
+                let ok = stored.f_reshape([n, k])?;
+                let (q, h) = ByHand::new(logits, idx, ok, temperature)?;
+                (
+                    q.f_reshape(shape_k1(lead, k))?.f_set_requires_grad(true)?,
+                    Some(h),
+                )
+            }
+        };
+        let reduced = Reduced {
+            student: times_t(q.shallow_clone())?,
             teacher: times_t(p)?,
             indices,
             stored,
             temperature,
-        })
+        };
+        Ok((reduced, hand.map(|h| h.with_leaf(q))))
     }
 
     /// K, the stored slots per position.
@@ -175,4 +215,120 @@ pub fn student_log_probs(
         .f_sub(&lse)?
         .f_where_self(&nonempty, &neg_inf)?; // [..., 1]
     Ok(Tensor::f_cat(&[on, tail], -1)?)
+}
+
+fn shape_k1(lead: &[i64], k: i64) -> Vec<i64> {
+    let mut s = lead.to_vec();
+    s.push(k + 1);
+    s
+}
+
+/// log q̃ of a store's reduced pair and its backward, by hand, for logits s (N, V) that have no
+/// graph (the chunked step's, `train/step.rs`), in place in their buffer. With x = s/T, S the stored
+/// ids of a row (valid slots) and Ŝ the others:
+///   lse_off = log Σ_{v∈Ŝ} e^{x_v},  lse = log(e^{lse_off} + Σ_{k∈S} e^{x_k})
+///   log q̃_k = x_k − lse,  log q̃_tail = lse_off − lse
+/// and, with g = ∂L/∂log q̃ (g zero on padding slots and on an empty tail, as autograd gives for
+/// the masked entries of `student_log_probs`) and Σg its row sum,
+///   ∂L/∂x_v = g_tail·e^{x_v − lse_off} − Σg·e^{x_v − lse}     v ∈ Ŝ
+///   ∂L/∂x_k = g_k − Σg·e^{x_k − lse}                             k ∈ S
+///   ∂L/∂s = ∂L/∂x / T.
+/// The tail's sum runs over the off-store entries alone (scaled by their own maximum), so it is
+/// exact however close the stored mass comes to 1, as `student_log_probs`'s is. The buffer holds,
+/// in turn, x, x with the stored entries at −inf, e^{x − m_off}, and the gradient: five passes over
+/// (N, V) and no (N, V) temporary, where autograd's backward of `student_log_probs` allocates about
+/// ten.
+#[derive(Debug)]
+pub struct ByHand {
+    /// (N, V): e^{x_v − m_off} off the store, 0 on it
+    buf: Tensor,
+    /// (N, K) stored ids, (N, K) valid slots, (N, K) x at the stored ids
+    indices: Tensor,
+    stored: Tensor,
+    x_k: Tensor,
+    /// (N, 1): m_off (0 for an empty tail), lse_off (−inf for an empty tail), lse
+    m_off: Tensor,
+    lse_off: Tensor,
+    lse: Tensor,
+    temperature: f64,
+    /// the leaf log q̃ (N·…, K+1) whose gradient `logits_grad` reads
+    leaf: Option<Tensor>,
+}
+
+impl ByHand {
+    fn new(mut x: Tensor, indices: Tensor, stored: Tensor, t: f64) -> Result<(Tensor, ByHand)> {
+        tch::no_grad(|| {
+            if t != 1.0 {
+                let _ = x.f_div_scalar_(t)?;
+            }
+            let x_k = x.f_gather(-1, &indices, false)?; // (N, K)
+            let _ = x.f_scatter_value_(-1, &indices, f64::NEG_INFINITY)?;
+            let m = x.f_amax([-1], true)?; // (N, 1), −inf for an empty tail
+            let zero = Tensor::f_zeros([], (Kind::Float, x.device()))?;
+            let m_off = m.f_where_self(&m.f_isfinite()?, &zero)?;
+            let _ = x.f_sub_(&m_off)?.f_exp_()?; // e^{x − m_off}, 0 on the store
+            let lse_off = x
+                .f_sum_dim_intlist(-1, true, Kind::Float)?
+                .f_log()?
+                .f_add(&m_off)?; // −inf for an empty tail
+            let on = x_k.f_masked_fill(&stored.f_logical_not()?, f64::NEG_INFINITY)?;
+            let lse = Tensor::f_cat(&[&on, &lse_off], -1)?.f_logsumexp([-1], true)?;
+            let q = Tensor::f_cat(&[on.f_sub(&lse)?, lse_off.f_sub(&lse)?], -1)?; // (N, K+1)
+            Ok((
+                q,
+                ByHand {
+                    buf: x,
+                    indices,
+                    stored,
+                    x_k,
+                    m_off,
+                    lse_off,
+                    lse,
+                    temperature: t,
+                    leaf: None,
+                },
+            ))
+        })
+    }
+
+    fn with_leaf(mut self, leaf: Tensor) -> ByHand {
+        self.leaf = Some(leaf);
+        self
+    }
+
+    /// ∂L/∂s (N, V) from the gradient the objective's backward left on the leaf log q̃; None when
+    /// the objective did not reach it. Consumes the buffer.
+    pub fn logits_grad(self) -> Result<Option<Tensor>> {
+        let g = match &self.leaf {
+            Some(l) if l.grad().defined() => l.grad(),
+            _ => return Ok(None),
+        };
+        tch::no_grad(|| {
+            let k = self.indices.size()[1];
+            let g = g.f_reshape([-1, k + 1])?;
+            let zero = Tensor::f_zeros([], (Kind::Float, g.device()))?;
+            let g_k = g.f_narrow(1, 0, k)?.f_where_self(&self.stored, &zero)?; // (N, K)
+            let nonempty = self.lse_off.f_isfinite()?; // (N, 1)
+            let g_t = g.f_narrow(1, k, 1)?.f_where_self(&nonempty, &zero)?; // (N, 1)
+            let sum_g = g_k.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add(&g_t)?;
+            // off the store: buf · (g_t e^{m_off − lse_off} − Σg e^{m_off − lse}) / T
+            let tail_scale = self
+                .m_off
+                .f_sub(&self.lse_off.f_where_self(&nonempty, &zero)?)?
+                .f_exp()?
+                .f_mul(&g_t)?;
+            let a = tail_scale
+                .f_sub(&sum_g.f_mul(&self.m_off.f_sub(&self.lse)?.f_exp()?)?)?
+                .f_div_scalar(self.temperature)?;
+            let mut buf = self.buf;
+            let _ = buf.f_mul_(&a)?; // 0 on the store
+                                     // on the store: (g_k − Σg e^{x_k − lse}) / T, nothing from a padding slot
+            let on = g_k
+                .f_sub(&sum_g.f_mul(&self.x_k.f_sub(&self.lse)?.f_exp()?)?)?
+                .f_where_self(&self.stored, &zero)?
+                .f_div_scalar(self.temperature)?;
+            let _ = buf.f_scatter_add_(-1, &self.indices, &on)?;
+            Ok(Some(buf))
+        })
+    }
 }

@@ -267,6 +267,12 @@ pub trait Loss: Send + std::fmt::Debug {
     fn on_reduced(&self) -> std::result::Result<(), &'static str> {
         Ok(())
     }
+    /// Whether, on a store, the loss reads the student only through the reduced pair (never the
+    /// student's logits themselves), so that the pair's student side may be computed by hand
+    /// (`reduced::ByHand`).
+    fn reads_only_reduced(&self) -> bool {
+        false
+    }
     /// The parameter (name, value) that sets the temperature at which the loss reads the teacher's
     /// distribution; None for a loss that reads it at T = 1 and has no such parameter.
     fn teacher_temperature(&self) -> Option<(&'static str, f64)> {

@@ -99,6 +99,9 @@ struct Skew {
 }
 
 impl Loss for Skew {
+    fn reads_only_reduced(&self) -> bool {
+        true
+    }
     fn spec(&self) -> &'static LossSpec {
         if self.reverse {
             &SKEW_REVERSE_KL

@@ -40,6 +40,9 @@ struct Tvd {
 }
 
 impl Loss for Tvd {
+    fn reads_only_reduced(&self) -> bool {
+        true
+    }
     fn spec(&self) -> &'static LossSpec {
         &TVD
     }

@@ -17,9 +17,10 @@
 //! from the batch's host copy), so value and gradients equal the unchunked ones. The values stay on
 //! the device until the end: one host read per micro-step, none per chunk or per term.
 use crate::data::Batch;
+use crate::losses::reduced::Reduced;
 use crate::model::Llama;
 use crate::objective::Objective;
-use crate::teacher::TeacherSignal;
+use crate::teacher::{TeacherDist, TeacherSignal};
 use crate::Result;
 use tch::{Kind, Tensor};
 
@@ -135,21 +136,39 @@ pub fn micro_step(
             if share > 0.0 {
                 let h = flat.f_narrow(0, start, len)?;
                 let s_logits = match &by_hand {
-                    Some(hg) => hg.logits(student, &h)?, // (len, Vs), a leaf
+                    Some(hg) => hg.logits(student, &h)?, // (len, Vs), no graph
                     None => student.head(&h)?,           // (len, Vs), with the graph
                 };
                 let t_dist = match &signal {
                     Some(sig) => Some(sig.positions(start, len)?), // (len, Vt)
                     None => None,
                 };
+                let (l, wt) = (
+                    labels.f_narrow(0, start, len)?,
+                    weights.f_narrow(0, start, len)?,
+                );
                 // labels were checked when the data was read, and the teacher signal is finite
-                let v = crate::losses::trusted(|| {
-                    objective.compute(
-                        &s_logits,
-                        t_dist.as_ref(),
-                        &labels.f_narrow(0, start, len)?,
-                        &weights.f_narrow(0, start, len)?,
-                    )
+                let (v, leaf) = crate::losses::trusted(|| -> Result<_> {
+                    match (&by_hand, &t_dist) {
+                        // a store's signal and an objective that reads only its reduced pair: the
+                        // pair's student side by hand as well (`reduced::ByHand`)
+                        (Some(_), Some(TeacherDist::Sparse(sp)))
+                            if objective.reads_only_reduced() && s_logits.kind() == Kind::Float =>
+                        {
+                            let (r, hand) = Reduced::by_hand(s_logits.shallow_clone(), sp)?;
+                            let v = objective.compute_on_reduced(&r, &l, &wt)?;
+                            Ok((v, Leaf::Reduced(hand)))
+                        }
+                        (Some(_), _) => {
+                            let s = s_logits.f_set_requires_grad(true)?;
+                            let v = objective.compute(&s, t_dist.as_ref(), &l, &wt)?;
+                            Ok((v, Leaf::Logits(s)))
+                        }
+                        (None, _) => Ok((
+                            objective.compute(&s_logits, t_dist.as_ref(), &l, &wt)?,
+                            Leaf::Graph,
+                        )),
+                    }
                 })?;
                 let w = opts.scale * share;
                 let part = opts.poisoned(v.total.f_mul_scalar(w)?)?;
@@ -160,13 +179,20 @@ pub fn micro_step(
                     .map(|p| p.f_mul_scalar(w)?.f_to_kind(Kind::Double))
                     .collect::<std::result::Result<_, _>>()?;
                 parts = parts.f_add(&Tensor::f_stack(&scaled, 0)?)?;
-                match &mut by_hand {
-                    Some(hg) => {
-                        part.f_backward()?; // into the chunk's logits (a leaf)
-                        hg.backward(student, &s_logits, &h, start)?;
+                match (&mut by_hand, leaf) {
+                    (Some(hg), leaf) => {
+                        part.f_backward()?; // into the chunk's leaf
+                        let g = match leaf {
+                            Leaf::Logits(s) => Some(s.grad()).filter(|g| g.defined()),
+                            Leaf::Reduced(hand) => hand.logits_grad()?,
+                            Leaf::Graph => None,
+                        };
+                        if let Some(g) = g {
+                            hg.backward(student, &g, &h, start)?;
+                        }
                     }
                     // whole tensors: one chunk, with the trunk's graph
-                    None => rest = Some(add(rest, part)?),
+                    (None, _) => rest = Some(add(rest, part)?),
                 }
             }
             start += len;
@@ -194,6 +220,14 @@ pub fn micro_step(
         parts: values[1..].to_vec(),
         finite: loss.is_finite(),
     })
+}
+
+/// Where a chunk's objective stopped its backward: the logits made a leaf, the student side of a
+/// store's reduced pair computed by hand, or (whole tensors) nowhere before the trunk.
+enum Leaf {
+    Logits(Tensor),
+    Reduced(crate::losses::reduced::ByHand),
+    Graph,
 }
 
 /// The output head's backward over chunks of positions, by hand: a chunk's logits are computed
@@ -232,18 +266,13 @@ impl HeadGrad {
         })
     }
 
-    /// The chunk's logits (len, V) from its hidden states `h`, as a leaf.
+    /// The chunk's logits (len, V) from its hidden states `h`, without a graph.
     fn logits(&self, student: &Llama, h: &Tensor) -> Result<Tensor> {
-        let s = tch::no_grad(|| student.head(h))?;
-        Ok(s.f_set_requires_grad(true)?)
+        tch::no_grad(|| student.head(h))
     }
 
-    /// After the objective's backward reached the chunk's `logits` (rows from `start`).
-    fn backward(&mut self, student: &Llama, logits: &Tensor, h: &Tensor, start: i64) -> Result<()> {
-        let g = logits.grad(); // (len, V)
-        if !g.defined() {
-            return Ok(()); // the objective did not depend on the logits
-        }
+    /// With g = ∂L/∂logits (len, V) of the chunk whose rows start at `start`.
+    fn backward(&mut self, student: &Llama, g: &Tensor, h: &Tensor, start: i64) -> Result<()> {
         let w = student.lm_head_weight();
         tch::no_grad(|| -> Result<()> {
             let len = g.size()[0];
