@@ -998,3 +998,34 @@ fn verify_reconstructs_a_sampled_store_with_the_unseen_mass() {
         "{got} vs {expected}"
     );
 }
+
+/// Rows without a tail to draw from (here a teacher whose tail is below e^-60) are left out of the
+/// draws: the other rows draw exactly as they would alone (the draws of a call run over the rows
+/// drawn from, in order, from its seed), and the sharp row keeps its bucket.
+#[test]
+fn rows_without_a_tail_to_draw_from_leave_the_others_draws_unchanged() {
+    use distill::teacher::store::select::{select, Selection, CLOSED_TAIL};
+    let v = 64i64;
+    let normal: Vec<f32> = (0..v).map(|i| 3.0 - i as f32 * 0.07).collect();
+    let sharp: Vec<f32> = (0..v).map(|i| if i == 0 { 90.0 } else { 0.0 }).collect();
+    let sel = Selection {
+        coverage: 0.5,
+        max_k: 4,
+        temperature: 1.0,
+        quantisation: Quant::F16,
+        tail_samples: 16,
+    };
+    let both = Tensor::from_slice(&[sharp.clone(), normal.clone()].concat()).view([2, v]);
+    let alone = Tensor::from_slice(&normal).view([1, v]);
+    for seed in [1u64, 7, 42] {
+        let got = select(&both, &[0, 5], &sel, seed).unwrap();
+        let want = select(&alone, &[5], &sel, seed).unwrap().remove(0);
+        assert_eq!(got[1], want, "seed {seed}: the drawing row as alone");
+        assert_ne!(
+            got[0].log_tail, CLOSED_TAIL,
+            "the sharp row keeps its bucket"
+        );
+        assert!(got[0].log_tail < -60.0, "{}", got[0].log_tail);
+        assert_eq!(want.log_tail, CLOSED_TAIL);
+    }
+}

@@ -27,7 +27,7 @@ pub struct Args {
     /// file's teacher.selection)
     #[arg(long)]
     selection: Option<String>,
-    /// Afterwards, time the bare teacher forward over the same batches and print both rates
+    /// Also time a bare teacher forward of each batch just before capturing it, and print both rates
     #[arg(long)]
     compare_forward: bool,
     /// Override a key of the run file, e.g. --set capture.coverage=0.99 (repeatable)

@@ -37,7 +37,7 @@ pub struct CaptureOptions {
     pub steps: Option<usize>,
     /// draw a progress bar on stderr
     pub progress: bool,
-    /// afterwards, time the bare teacher forward over the same batches (the capture's overhead)
+    /// also time a bare teacher forward of each batch, just before its capture (the overhead)
     pub compare_forward: bool,
     /// capture only a budget's chosen training sequences (None: the run file's `[teacher] budget`)
     pub budget: Option<crate::teacher::budget::Budget>,
@@ -340,6 +340,9 @@ pub fn capture_on(
         let _ = tch::no_grad(|| teacher.model.forward(&batch.ids))?;
     }
     let loop_start = Instant::now();
+    // with --compare-forward: seconds of the bare forwards, each run just before its batch's
+    // capture (interleaved, so that both timings see the machine in the same state)
+    let mut forward_total = 0.0f64;
     let run = || -> Result<Header> {
         // the batches one process would run; with several, each rank its share of them
         for (b, rows) in idx.chunks(batch_rows).enumerate() {
@@ -347,6 +350,13 @@ pub fn capture_on(
                 continue;
             }
             let batch = Batch::new(&owned, rows, cfg.run.device)?;
+            if opts.compare_forward {
+                let t = Instant::now();
+                let logits = tch::no_grad(|| teacher.model.forward(&batch.ids))?;
+                let _ = logits.f_sum(tch::Kind::Float)?.f_double_value(&[])?; // wait for the work
+                drop(logits);
+                forward_total += t.elapsed().as_secs_f64();
+            }
             let labels: Vec<Vec<i64>> = rows.iter().map(|&r| owned[r].labels.clone()).collect();
             let kept = tch::no_grad(|| -> Result<_> {
                 let sig = live.prepare(&batch, &[])?;
@@ -376,7 +386,8 @@ pub fn capture_on(
         writer.finish()
     };
     let mut header = parallel::agree(world, run(), "capturing")?;
-    let loop_seconds = loop_start.elapsed().as_secs_f64();
+    // the capture's own time: the loop's, less the bare forwards run inside it for the comparison
+    let loop_seconds = loop_start.elapsed().as_secs_f64() - forward_total;
     let (counts, loop_seconds) =
         parallel::reduce_counts(world, &[captured, positions, tokens], loop_seconds)?;
     let (captured, positions, tokens) = (counts[0], counts[1], counts[2]);
@@ -401,17 +412,7 @@ pub fn capture_on(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let forward_seconds = if opts.compare_forward {
-        let t = Instant::now();
-        for rows in idx.chunks(batch_rows) {
-            let batch = Batch::new(&owned, rows, cfg.run.device)?;
-            let logits = tch::no_grad(|| teacher.model.forward(&batch.ids))?;
-            let _ = logits.f_sum(tch::Kind::Float)?.f_double_value(&[])?; // wait for the work
-        }
-        Some(t.elapsed().as_secs_f64())
-    } else {
-        None
-    };
+    let forward_seconds = opts.compare_forward.then_some(forward_total);
     Ok(CaptureSummary {
         dir,
         captured,

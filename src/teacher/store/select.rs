@@ -312,11 +312,15 @@ fn sample_tail(
         let at = Tensor::f_from_slice(&at)?
             .f_view([rows.len() as i64, width as i64])?
             .f_to_device(lp.device())?;
-        // p over the tokens off the head (unnormalised: multinomial normalises each row)
-        let tail_p = lp
-            .f_index_select(0, &idx)?
-            .f_scatter_value(-1, &at, f64::NEG_INFINITY)?
-            .f_exp()?;
+        // p over the tokens off the head (unnormalised: multinomial normalises each row): one
+        // exp over the rows, then the head's entries zeroed in place (every row drawn from, the
+        // common case, needs no gathered copy of the log-probabilities first)
+        let mut tail_p = if rows.len() == chosen.len() {
+            lp.f_exp()?
+        } else {
+            lp.f_index_select(0, &idx)?.f_exp_()?
+        };
+        let _ = tail_p.f_scatter_value_(-1, &at, 0.0)?;
         // the same draws for the same sequence, whatever else is in the batch
         tch::manual_seed((seed & 0x7fff_ffff_ffff_ffff) as i64);
         let got = tail_p.f_multinomial(n, true)?; // (rows, n)
