@@ -192,3 +192,37 @@ fn a_bf16_student_chunked_equals_unchunked_within_bf16_rounding() {
         );
     }
 }
+
+/// A chunked step whose positions all have weight 0 does no work over the vocabulary, and leaves an
+/// untied head without a gradient (the optimizer then skips it: no weight decay on a head the
+/// objective never reached), as the whole-tensor step does.
+#[test]
+fn a_chunked_step_without_weight_leaves_the_head_without_a_gradient() {
+    let cfg = LlamaConfig::tiny(97, 32, 2, 4, 2);
+    let teacher = model::random(&cfg, Device::Cpu, 1).unwrap();
+    let mut s_cfg = cfg.clone();
+    s_cfg.num_hidden_layers = 1;
+    s_cfg.tie_word_embeddings = false;
+    let student = model::random(&s_cfg, Device::Cpu, 2).unwrap();
+    let ids = Tensor::arange(22, (Kind::Int64, Device::Cpu)).view([2, 11]);
+    let labels = Tensor::full([2, 11], -100, (Kind::Int64, Device::Cpu));
+    let batch = Batch::from_ids_labels(&ids, &labels).unwrap();
+    let obj = Objective::new(&[LossTerm::new("forward_kl", &[], 1.0).unwrap()], 10).unwrap();
+    let teacher = Live::new(&teacher.model);
+    for chunk in [None, Some(4)] {
+        let m = micro_step(
+            &student.model,
+            Some(&teacher),
+            &obj,
+            &batch,
+            &StepOptions::new(chunk, 1.0),
+        )
+        .unwrap();
+        assert_eq!(m.loss, 0.0);
+        let head = &student.vs.variables()["lm_head.weight"];
+        assert!(
+            !head.grad().defined(),
+            "chunk {chunk:?}: the head got a gradient"
+        );
+    }
+}

@@ -237,7 +237,10 @@ fn shape_k1(lead: &[i64], k: i64) -> Vec<i64> {
 /// exact however close the stored mass comes to 1, as `student_log_probs`'s is. The buffer holds,
 /// in turn, x, x with the stored entries at −inf, e^{x − m_off}, and the gradient: five passes over
 /// (N, V) and no (N, V) temporary, where autograd's backward of `student_log_probs` allocates about
-/// ten.
+/// ten. It relies on `SparseDist`'s contract (valid ids distinct, a padding slot repeating a valid
+/// id of its row): then S and Ŝ cover the vocabulary and lse is `student_log_probs`'s. A row
+/// without any valid slot (a position of weight 0 whose ids were all mapped away) gets a finite,
+/// unnormalised q̃, which its weight of 0 leaves out.
 #[derive(Debug)]
 pub struct ByHand {
     /// (N, V): e^{x_v − m_off} off the store, 0 on it

@@ -91,6 +91,17 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotate_half(x) * sin
 }
 
+/// Repeat each key/value head `n_rep` times: (B, kv, T, hd) → (B, kv·n_rep, T, hd).
+fn repeat_kv(x: Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return x;
+    }
+    let (b, kv, t, hd) = x.size4().expect("kv tensor is 4-d");
+    x.unsqueeze(2)
+        .expand([b, kv, n_rep, t, hd], false)
+        .reshape([b, kv * n_rep, t, hd])
+}
+
 impl Attention {
     fn new(p: nn::Path, c: &LlamaConfig) -> Result<Self> {
         let d = c.hidden_size as i64;
@@ -148,11 +159,19 @@ impl Attention {
             AttnMask::Full => (None, false),
             AttnMask::Explicit(m) => (Some(m), false),
         };
-        // grouped-query attention inside the kernel (`enable_gqa`): query head j reads key/value
-        // head j / (nh / kv), as repeating each kv head nh / kv times would, without materialising
-        // the repeated (B, nh, S, hd) keys and values (which autograd would keep for the backward)
-        let y =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, nh != nkv);
+        // grouped-query attention: query head j reads key/value head j / (nh / kv). Without an
+        // explicit mask the kernel does it (`enable_gqa`) without materialising the repeated
+        // (B, nh, S, hd) keys and values, which autograd would keep for the backward; with one,
+        // they are repeated (CUDA's memory-efficient kernel, which takes masks, has no
+        // `enable_gqa` and would fall back to the math kernel's (B, nh, T, S) weights;
+        // transformers makes the same choice)
+        let gqa = nh != nkv && mask_t.is_none();
+        let (k, v) = if mask_t.is_some() {
+            (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv))
+        } else {
+            (k, v)
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask_t, 0.0, causal, None, gqa);
         y.transpose(1, 2).contiguous().view([b, t, nh * hd]) // (B, T, nh·hd)
     }
 }

@@ -8,6 +8,8 @@
 //!       t = teacher signal at the chunk        (c, Vt)
 //!       value += share · objective(s, t, labels, weights)   → backward into the chunk's logits,
 //!       then the head's backward by hand (`HeadGrad`): ∂L/∂h, and ∂L/∂W in place
+//!       (a store's signal with terms that read only its reduced pair: the backward stops at the
+//!       pair's student side, and `reduced::ByHand` carries it to the logits in place)
 //!   the trunk's backward, once, with the gathered gradient and the hidden terms
 //!
 //! The layer states of the hidden-state terms come from the same forward passes as the logits (the
@@ -119,12 +121,13 @@ pub fn micro_step(
     }
     let chunk = opts.chunk.filter(|_| objective.chunkable());
     // chunked: the head's backward by hand (`HeadGrad`); whole tensors: one chunk with the graph
+    let logits_work = total_weight > 0.0 && objective.reads_logits();
     let mut by_hand = match chunk {
-        Some(_) => Some(HeadGrad::new(student, &s_trunk)?),
-        None => None,
+        Some(_) if logits_work => Some(HeadGrad::new(&s_trunk)?),
+        _ => None,
     };
     let c = chunk.map_or(n, |c| c as i64);
-    if total_weight > 0.0 && objective.reads_logits() {
+    if logits_work {
         let flat = match &by_hand {
             Some(hg) => hg.hidden.shallow_clone(),
             None => s_trunk.f_flatten(0, 1)?, // (N, d)
@@ -251,14 +254,8 @@ struct HeadGrad {
 }
 
 impl HeadGrad {
-    fn new(student: &Llama, trunk: &Tensor) -> Result<HeadGrad> {
+    fn new(trunk: &Tensor) -> Result<HeadGrad> {
         let hidden = trunk.f_detach()?.f_flatten(0, 1)?; // (N, d)
-        let w = student.lm_head_weight();
-        if w.requires_grad() && !w.grad().defined() {
-            // W's gradient buffer, once: zeros, which later chunks accumulate into in place
-            // (zero_grad keeps the buffer)
-            w.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward()?;
-        }
         Ok(HeadGrad {
             grad: hidden.f_zeros_like()?,
             hidden,
@@ -274,6 +271,12 @@ impl HeadGrad {
     /// With g = ∂L/∂logits (len, V) of the chunk whose rows start at `start`.
     fn backward(&mut self, student: &Llama, g: &Tensor, h: &Tensor, start: i64) -> Result<()> {
         let w = student.lm_head_weight();
+        if w.requires_grad() && !w.grad().defined() {
+            // W's gradient buffer, the first time a chunk has one for it: zeros, which this and
+            // later chunks add into in place (zero_grad keeps the buffer). Only then: a weight
+            // the objective never reaches keeps no gradient, and the optimizer skips it.
+            w.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward()?;
+        }
         tch::no_grad(|| -> Result<()> {
             let len = g.size()[0];
             let wk = w.f_to_kind(g.kind())?; // a no-op when the head computes in W's dtype
