@@ -23,7 +23,7 @@ BW="$DISTILL_CACHE/bench"
 [ -e "$BW/student/config.json" ] || run "$B" convert "$DISTILL_DEMO_TEACHER" "$BW/student" --layers 0,3,6,9,12,15,18,21,24,29 >&2
 
 # 1. settings (validation positions only: --steps 0)
-for s in "0.9 16 u8 0" "0.95 32 u8 0" "0.99 64 u8 0" "0.95 32 f16 0" "0.95 16 u8 24"; do
+for s in "0.9 16 u8 0" "0.95 32 u8 0" "0.99 64 u8 0" "0.95 32 f16 0" "0.95 16 u8 32"; do
   set -- $s
   d="$W/settings-$1-$2-$3-$4"
   rm -rf "$d"
@@ -44,7 +44,7 @@ run "$B" --threads "$T" eval "$W/live/student" --run examples/demo.toml > "$W/li
 # the top-k store (tail = one bucket) and the sampled-tail store (the defaults)
 for kind in topk sampled; do
   # every setting named, so the rows say exactly what was captured whatever the run file holds
-  if [ $kind = topk ]; then k=32 n=0; else k=16 n=24; fi
+  if [ $kind = topk ]; then k=32 n=0; else k=16 n=32; fi
   sets="--set capture.coverage=0.95 --set capture.max_k=$k --set capture.tail_samples=$n --set capture.quantisation=\"u8\""
   rm -rf "$W/store-$kind"
   run "$B" --threads "$T" capture examples/demo_store.toml --steps 150 --out "$W/store-$kind" $sets | tee "$W/capture-$kind.txt"
@@ -67,7 +67,7 @@ j = lambda f: json.load(open(os.path.join(w, f)))
 print("\nSelection settings (demo teacher, the demo's 2,032 validation positions, T = 1)\n")
 print("| coverage | max_k | tail draws | log p | bytes/token | mean k | p90 k | captured mass | KL(full ‖ reconstructed) | KL(reduced) | top-1 |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-for s in ["0.9-16-u8-0", "0.95-32-u8-0", "0.99-64-u8-0", "0.95-32-f16-0", "0.95-16-u8-24"]:
+for s in ["0.9-16-u8-0", "0.95-32-u8-0", "0.99-64-u8-0", "0.95-32-f16-0", "0.95-16-u8-32"]:
     i, v = j(f"settings-{s}.inspect.json"), j(f"settings-{s}.verify.json")
     c, k, q, n = s.split("-")
     print(f"| {c} | {k} | {n} | {q} | {i['bytes_per_token']:.1f} | {i['mean_k']:.1f} | {i['p90_k']} | {v['captured_mass']:.3f} | {v['kl_reconstructed']:.3f} | {v['kl_reduced']:.5f} | {v['top1']:.3f} |")
@@ -77,7 +77,7 @@ print(f"\nQuality: the demo, 150 steps, seed 0; every student judged by the live
 print("| teacher signal | bytes/token | student ppl | KL(teacher ‖ student) | top-1 | ppl vs live | KL vs live |")
 print("|---|---|---|---|---|---|---|")
 print(f"| live teacher | — | {live['student_ppl']:.2f} | {live['kl']:.4f} | {live['top1']:.4f} | | |")
-for kind, name in (("topk", "store: top 32 + tail bucket"), ("sampled", "store: head 16 + 24 tail draws")):
+for kind, name in (("topk", "store: top 32 + tail bucket"), ("sampled", "store: head 16 + 32 tail draws")):
     st, ins = j(f"from-store-{kind}.eval.json"), j(f"store-{kind}.inspect.json")
     print(f"| {name} | {ins['bytes_per_token']:.1f} | {st['student_ppl']:.2f} | {st['kl']:.4f} | {st['top1']:.4f} | {100*(st['student_ppl']/live['student_ppl']-1):+.1f}% | {100*(st['kl']/live['kl']-1):+.1f}% |")
 for f in ("live", "from-store-topk", "from-store-sampled"):

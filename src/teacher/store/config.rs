@@ -31,7 +31,7 @@ pub struct CaptureConfig {
 pub const COVERAGE: f64 = 0.95;
 pub const MAX_K: usize = 16;
 pub const SHARD_SEQUENCES: usize = 64;
-pub const TAIL_SAMPLES: usize = 24;
+pub const TAIL_SAMPLES: usize = 32;
 /// Bound on `max_k` (a k is written as u16).
 const MAX_K_LIMIT: usize = 65535;
 
