@@ -139,11 +139,7 @@ fn chunked_equals_unchunked(tied: bool) {
 /// bf16's rounding: each gradient entry within a few units of 2^-8 of the largest one.
 #[test]
 fn a_bf16_student_chunked_equals_unchunked_within_bf16_rounding() {
-    let cfg = LlamaConfig::tiny(97, 32, 2, 4, 2);
-    let teacher = model::random(&cfg, Device::Cpu, 1).unwrap();
-    let mut s_cfg = cfg.clone();
-    s_cfg.num_hidden_layers = 1;
-    s_cfg.tie_word_embeddings = true;
+    let (teacher, s_cfg) = teacher_and_student_config(true);
     let first = model::random(&s_cfg, Device::Cpu, 2).unwrap();
     let bf16 = || {
         let mut m = model::random(&s_cfg, Device::Cpu, 2).unwrap();
@@ -198,11 +194,7 @@ fn a_bf16_student_chunked_equals_unchunked_within_bf16_rounding() {
 /// objective never reached), as the whole-tensor step does.
 #[test]
 fn a_chunked_step_without_weight_leaves_the_head_without_a_gradient() {
-    let cfg = LlamaConfig::tiny(97, 32, 2, 4, 2);
-    let teacher = model::random(&cfg, Device::Cpu, 1).unwrap();
-    let mut s_cfg = cfg.clone();
-    s_cfg.num_hidden_layers = 1;
-    s_cfg.tie_word_embeddings = false;
+    let (teacher, s_cfg) = teacher_and_student_config(false);
     let student = model::random(&s_cfg, Device::Cpu, 2).unwrap();
     let ids = Tensor::arange(22, (Kind::Int64, Device::Cpu)).view([2, 11]);
     let labels = Tensor::full([2, 11], -100, (Kind::Int64, Device::Cpu));
@@ -225,4 +217,15 @@ fn a_chunked_step_without_weight_leaves_the_head_without_a_gradient() {
             "chunk {chunk:?}: the head got a gradient"
         );
     }
+}
+
+/// A random two-layer teacher (vocabulary 97) and the config of a one-layer student of its shape,
+/// its head tied to its embedding or not.
+fn teacher_and_student_config(tied: bool) -> (model::LoadedModel, LlamaConfig) {
+    let cfg = LlamaConfig::tiny(97, 32, 2, 4, 2);
+    let teacher = model::random(&cfg, Device::Cpu, 1).unwrap();
+    let mut s_cfg = cfg;
+    s_cfg.num_hidden_layers = 1;
+    s_cfg.tie_word_embeddings = tied;
+    (teacher, s_cfg)
 }
